@@ -1,0 +1,128 @@
+"""Figures for the lessons: image grids, noising strips, 2-D scatter and density plots,
+trajectories, and animations that a plain notebook viewer still shows (GIF)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.animation import FuncAnimation, PillowWriter
+from matplotlib.axes import Axes
+from torch import Tensor
+
+
+def to_image(x: Tensor) -> np.ndarray:
+    """One image (C, H, W) in [-1, 1] to an array (H, W) or (H, W, 3) in [0, 1] for imshow."""
+    x = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def make_grid(x: Tensor, nrow: int = 8, pad: int = 1) -> Tensor:
+    """Tile a batch (B, C, H, W) into one image (C, rows (H + pad), nrow (W + pad)), pad value 1 (white)."""
+    B, C, H, W = x.shape
+    rows = (B + nrow - 1) // nrow
+    grid = x.new_ones(C, rows * (H + pad) + pad, nrow * (W + pad) + pad)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
+    return grid
+
+
+def show_images(x: Tensor, nrow: int = 8, title: str | None = None, ax: Axes | None = None,
+                scale: float = 0.5) -> Axes:
+    """Show a batch (B, C, H, W) in [-1, 1] as a grid."""
+    grid = to_image(make_grid(x.detach().float().cpu(), nrow))
+    if ax is None:
+        h, w = grid.shape[:2]
+        _, ax = plt.subplots(figsize=(scale * w / 16, scale * h / 16))
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def noising_strip(frames: Sequence[Tensor], labels: Sequence[str], title: str | None = None) -> plt.Figure:
+    """A row per image, a column per noise level: frames[j] is (B, C, H, W) at level labels[j]."""
+    B = frames[0].shape[0]
+    fig, axes = plt.subplots(B, len(frames), figsize=(1.2 * len(frames), 1.2 * B), squeeze=False)
+    for j, (batch, label) in enumerate(zip(frames, labels)):
+        for i in range(B):
+            img = to_image(batch[i])
+            axes[i, j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[0, j].set_title(label, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def scatter2d(points: Tensor, ax: Axes | None = None, title: str | None = None, lim: float = 3.0,
+              s: float = 2.0, alpha: float = 0.5, color: str | None = None, label: str | None = None) -> Axes:
+    """Scatter plot of 2-D points (N, 2) on a square canvas [-lim, lim]^2."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.5, 3.5))
+    p = points.detach().float().cpu().numpy()
+    ax.scatter(p[:, 0], p[:, 1], s=s, alpha=alpha, color=color, label=label)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def density2d(log_prob: Callable[[Tensor], Tensor], ax: Axes | None = None, lim: float = 3.0, n: int = 150,
+              title: str | None = None) -> Axes:
+    """Heat map of exp(log_prob(x)) over a grid of n x n points on [-lim, lim]^2."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.5, 3.5))
+    g = torch.linspace(-lim, lim, n)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    with torch.no_grad():
+        density = log_prob(torch.stack([xx.flatten(), yy.flatten()], dim=1)).exp().reshape(n, n)
+    ax.imshow(density.cpu().numpy(), origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma")
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def trajectories2d(traj: Tensor, ax: Axes | None = None, n: int = 50, lim: float = 3.0,
+                   title: str | None = None) -> Axes:
+    """Paths of n points through the reverse process: traj is (steps, N, 2), start grey, end red."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.5, 3.5))
+    p = traj[:, :n].detach().float().cpu().numpy()
+    for k in range(p.shape[1]):
+        ax.plot(p[:, k, 0], p[:, k, 1], lw=0.6, color="tab:blue", alpha=0.5)
+    ax.scatter(p[0, :, 0], p[0, :, 1], s=6, color="grey", label="start: noise")
+    ax.scatter(p[-1, :, 0], p[-1, :, 1], s=6, color="tab:red", label="end: sample")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def animate(fig: plt.Figure, update: Callable[[int], None], frames: int, fps: int = 8) -> bytes:
+    """Render `update(i)` for i in range(frames) as a looping GIF and return its bytes.
+
+    Show it with `IPython.display.Image(data=gif, format="gif")`: a GIF is stored in the
+    notebook as an image, so a plain viewer (GitHub, nbviewer) plays it without JavaScript.
+    """
+    anim = FuncAnimation(fig, update, frames=frames)
+    with tempfile.TemporaryDirectory() as tmp:  # PillowWriter writes to a path
+        path = Path(tmp) / "anim.gif"
+        anim.save(path, writer=PillowWriter(fps=fps))
+        gif = path.read_bytes()
+    plt.close(fig)
+    return gif

@@ -1,0 +1,76 @@
+"""A compact training loop for diffusion denoisers (DDPM, Algorithm 1).
+
+The lessons call `train_denoiser` with an in-memory batch iterator; the command-line
+runner for long GPU jobs builds on the same loss (`minildm.diffusion.training_loss`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from minildm.diffusion import Prediction, training_loss
+from minildm.schedules import Schedule
+
+
+@dataclass
+class TrainLog:
+    """What `train_denoiser` measured: one loss per step and the wall-clock time."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_denoiser(
+    model: nn.Module,
+    batches: Iterator[tuple[Tensor, ...]],
+    schedule: Schedule,
+    steps: int,
+    *,
+    lr: float = 1e-3,
+    prediction: Prediction = "eps",
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    bf16: bool = False,
+    ema=None,
+    max_seconds: float | None = None,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+) -> TrainLog:
+    """Train `model(xt, t[, cond])` with L_simple for `steps` steps (or until `max_seconds`).
+
+    `batches` yields tuples as `minildm.data.batches` does: (x0,) or (x0, cond). With a
+    `cond`, the model is called as model(xt, t, cond). `ema` (a `minildm.ema.EMA`) is
+    updated after every step. `bf16` runs the forward pass under bfloat16 autocast
+    (about 2x faster on CPUs with AMX; the loss is computed in float32).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    device = next(model.parameters()).device
+    log = TrainLog()
+    start = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(steps), disable=not progress, desc="train"):
+        x0, *rest = next(batches)
+        x0 = x0.to(device)
+        cond = rest[0].to(device) if rest else None
+        net = model if cond is None else (lambda xt, t: model(xt, t, cond))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = training_loss(net, x0, schedule, prediction, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        log.losses.append(loss.item())
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    model.eval()
+    log.seconds = time.perf_counter() - start
+    return log
