@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from minildm.schedules import Schedule
+from minildm.weighting import Weighting, loss_weight
 
 Prediction = Literal["eps", "x0", "v"]
 
@@ -146,14 +147,23 @@ def training_loss(
     schedule: Schedule,
     prediction: Prediction = "eps",
     generator: torch.Generator | None = None,
+    weighting: Weighting = "simple",
+    gamma: float = 5.0,
 ) -> Tensor:
-    """L_simple of DDPM (Algorithm 1, eq. 14): E_{t, eps} ||target - model(x_t, t)||^2.
+    """A weighted denoising loss E_{t, eps} w_t ||target - model(x_t, t)||^2 (DDPM, Algorithm 1).
 
     t is uniform over {0, ..., T-1} and eps ~ N(0, I); the mean is over batch and dimensions.
+    weighting="simple" (w_t = 1) is L_simple (eq. 14); "vlb" makes T * dim * loss an unbiased
+    estimate of the bound's diffusion terms (eq. 5, up to the decoder's constant); "snr" and
+    "min_snr" (with `gamma`) are described in `minildm.weighting`.
     """
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(x0, t, eps, schedule)
     pred = model(xt, t.to(x0.dtype))
-    return (pred.float() - target(x0, eps, extract(schedule.alpha_bar, t, x0), prediction).float()).pow(2).mean()
+    err = (pred.float() - target(x0, eps, extract(schedule.alpha_bar, t, x0), prediction).float()).pow(2)
+    if weighting == "simple":
+        return err.mean()
+    w = loss_weight(schedule, t, weighting, prediction, gamma).to(err.device, err.dtype)  # (B,)
+    return (w * err.reshape(B, -1).mean(1)).mean()

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from minildm.diffusion import Prediction, training_loss
 from minildm.schedules import Schedule
+from minildm.weighting import Weighting
 
 
 @dataclass
@@ -34,6 +35,7 @@ def train_denoiser(
     *,
     lr: float = 1e-3,
     prediction: Prediction = "eps",
+    weighting: Weighting = "simple",
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     bf16: bool = False,
@@ -42,7 +44,8 @@ def train_denoiser(
     progress: bool = False,
     generator: torch.Generator | None = None,
 ) -> TrainLog:
-    """Train `model(xt, t[, cond])` with L_simple for `steps` steps (or until `max_seconds`).
+    """Train `model(xt, t[, cond])` with L_simple (or another `weighting`, see `minildm.weighting`)
+    for `steps` steps (or until `max_seconds`).
 
     `batches` yields tuples as `minildm.data.batches` does: (x0,) or (x0, cond). With a
     `cond`, the model is called as model(xt, t, cond). `ema` (a `minildm.ema.EMA`) is
@@ -60,7 +63,7 @@ def train_denoiser(
         cond = rest[0].to(device) if rest else None
         net = model if cond is None else (lambda xt, t: model(xt, t, cond))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = training_loss(net, x0, schedule, prediction, generator)
+            loss = training_loss(net, x0, schedule, prediction, generator, weighting)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
