@@ -297,7 +297,7 @@ def test_evaluation_is_deterministic_and_batch_independent_for_fixed_steps():
 def test_index_at_log_snr_inverts_alpha_bar_at(make):
     s = make(50)
     for idx in [0.0, 0.3, 1.0, 17.5, 48.99, 49.0]:
-        lam = float(torch.logit(s.alpha_bar_at(torch.tensor([idx]))))
+        lam = float(torch.logit(s.alpha_bar_at(torch.tensor([idx], dtype=torch.float64))))
         assert L.index_at_log_snr(s, lam) == pytest.approx(idx, abs=1e-9)
     with pytest.raises(ValueError, match="outside"):
         L.index_at_log_snr(s, float(s.log_snr[0]) + 1.0)
