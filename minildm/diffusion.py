@@ -149,6 +149,7 @@ def training_loss(
     generator: torch.Generator | None = None,
     weighting: Weighting = "simple",
     gamma: float = 5.0,
+    importance: bool = False,
 ) -> Tensor:
     """A weighted denoising loss E_{t, eps} w_t ||target - model(x_t, t)||^2 (DDPM, Algorithm 1).
 
@@ -156,14 +157,26 @@ def training_loss(
     weighting="simple" (w_t = 1) is L_simple (eq. 14); "vlb" makes T * dim * loss an unbiased
     estimate of the bound's diffusion terms (eq. 5, up to the decoder's constant); "snr" and
     "min_snr" (with `gamma`) are described in `minildm.weighting`.
+
+    importance=True draws t with probability p_t proportional to w_t and weights by w_t / (T p_t),
+    the same objective in expectation with less variance: the weighted loss becomes plain
+    regression at t drawn from the weights (improved DDPM, section 3.3, importance-samples the
+    bound with p_t learned from the loss history instead).
     """
     B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
+    if importance:
+        w_all = loss_weight(schedule, torch.arange(schedule.T), weighting, prediction, gamma)  # (T,)
+        p = (w_all / w_all.sum()).to(x0.device)
+        t = torch.multinomial(p, B, replacement=True, generator=generator)
+    else:
+        t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(x0, t, eps, schedule)
     pred = model(xt, t.to(x0.dtype))
     err = (pred.float() - target(x0, eps, extract(schedule.alpha_bar, t, x0), prediction).float()).pow(2)
-    if weighting == "simple":
+    if weighting == "simple" and not importance:
         return err.mean()
-    w = loss_weight(schedule, t, weighting, prediction, gamma).to(err.device, err.dtype)  # (B,)
-    return (w * err.reshape(B, -1).mean(1)).mean()
+    w = loss_weight(schedule, t.cpu(), weighting, prediction, gamma)  # (B,)
+    if importance:
+        w = w / (schedule.T * p.cpu()[t.cpu()])
+    return (w.to(err.device, err.dtype) * err.reshape(B, -1).mean(1)).mean()

@@ -301,3 +301,21 @@ def test_index_at_log_snr_inverts_alpha_bar_at(make):
         assert L.index_at_log_snr(s, lam) == pytest.approx(idx, abs=1e-9)
     with pytest.raises(ValueError, match="outside"):
         L.index_at_log_snr(s, float(s.log_snr[0]) + 1.0)
+
+
+def test_ode_decoder_nll_matches_its_closed_form():
+    """With the exact denoiser, p_ODE(x_1) = q(x_1) (up to the prior's mismatch, ~1e-5 here), so the
+    bound's expectation is H[q(x_1)] + E[-log p(x0 | x_1)] - H[q(x_1 | x0)], all Gaussian."""
+    s = linear_schedule(1000)
+    x0 = MU + VAR.sqrt() * torch.randn(400, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    nll = L.ode_decoder_nll(ideal(s), x0, s, decoder="gaussian", method="rk4", steps=30,
+                            generator=torch.Generator().manual_seed(7))
+    ab, s0 = s.alpha_bar[0], L.reverse_variance(s)[0]
+    var_x0 = VAR * (1 - ab) / (ab * VAR + 1 - ab)
+    expected = (0.5 * torch.log(2 * math.pi * math.e * (ab * VAR + 1 - ab))
+                + 0.5 * torch.log(2 * math.pi * s0) + var_x0 / (2 * s0)
+                - 0.5 * torch.log(2 * math.pi * math.e * (1 - ab))).sum()
+    se = float(nll.std()) / math.sqrt(len(nll))
+    assert abs(float(nll.mean()) - float(expected)) < 4 * se
+    entropy = float(0.5 * torch.log(2 * math.pi * math.e * VAR).sum())
+    assert float(expected) > entropy  # a bound: here 0.15 nats per dimension, the decoder's variance

@@ -136,3 +136,22 @@ def test_train_denoiser_passes_the_weighting_through():
     simple, min_snr = run("simple"), run("min_snr")
     assert simple != min_snr  # same draws, different weights
     assert run("simple") == simple
+
+
+@pytest.mark.parametrize("weighting", ["vlb", "min_snr"])
+def test_importance_sampling_keeps_the_objective(weighting):
+    """Drawing t from p_t ~ w_t and weighting by w_t / (T p_t) estimates the same loss, here for the
+    exact Gaussian denoiser, whose eps error at t is known: E||eps - E[eps|x_t]||^2 / dim = ab s2 / (ab s2 + 1 - ab)."""
+    s = cosine_schedule(100)
+    s2 = 0.25
+    x0 = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s2**0.5
+
+    def ideal(xt, t):
+        return D.gaussian_eps(xt, D.extract(s.alpha_bar, t, xt), 0.0, s2)
+
+    ab = s.alpha_bar
+    expected = float((loss_weight(s, torch.arange(100), weighting) * ab * s2 / (ab * s2 + 1 - ab)).mean())
+    for importance in (False, True):
+        loss = D.training_loss(ideal, x0, s, generator=torch.Generator().manual_seed(1), weighting=weighting,
+                               importance=importance)
+        assert float(loss) == pytest.approx(expected, rel=0.03)
