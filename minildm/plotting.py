@@ -46,19 +46,27 @@ def show_images(x: Tensor, nrow: int = 8, title: str | None = None, ax: Axes | N
     return ax
 
 
-def noising_strip(frames: Sequence[Tensor], labels: Sequence[str], title: str | None = None) -> plt.Figure:
-    """A row per image, a column per noise level: frames[j] is (B, C, H, W) at level labels[j]."""
-    B = frames[0].shape[0]
-    fig, axes = plt.subplots(B, len(frames), figsize=(1.2 * len(frames), 1.2 * B), squeeze=False)
-    for j, (batch, label) in enumerate(zip(frames, labels)):
-        for i in range(B):
-            img = to_image(batch[i])
-            axes[i, j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-        axes[0, j].set_title(label, fontsize=8)
+def noising_strip(frames: Sequence[Tensor], labels: Sequence[str], title: str | None = None,
+                  scale: float = 2.0) -> plt.Figure:
+    """A row per image, a column per noise level: frames[j] is (B, C, H, W) at level labels[j].
+
+    Drawn as one image at `scale` screen pixels per image pixel, so that stored notebooks
+    stay small (noise does not compress: upsampled noise costs megabytes).
+    """
+    B, C, H, W = frames[0].shape
+    columns = torch.stack([f.detach().float().cpu() for f in frames], dim=1)  # (B, levels, C, H, W)
+    grid = to_image(make_grid(columns.flatten(0, 1), nrow=len(frames)))
+    dpi = plt.rcParams["figure.dpi"]
+    fig, ax = plt.subplots(figsize=(scale * grid.shape[1] / dpi, scale * grid.shape[0] / dpi + 0.35))
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([(W + 1) * j + 1 + W / 2 for j in range(len(frames))], labels, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
-        fig.suptitle(title)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -102,8 +110,8 @@ def trajectories2d(traj: Tensor, ax: Axes | None = None, n: int = 50, lim: float
     p = traj[:, :n].detach().float().cpu().numpy()
     for k in range(p.shape[1]):
         ax.plot(p[:, k, 0], p[:, k, 1], lw=0.6, color="tab:blue", alpha=0.5)
-    ax.scatter(p[0, :, 0], p[0, :, 1], s=6, color="grey", label="start: noise")
-    ax.scatter(p[-1, :, 0], p[-1, :, 1], s=6, color="tab:red", label="end: sample")
+    ax.scatter(p[0, :, 0], p[0, :, 1], s=10, color="grey", label="start: noise", zorder=3)
+    ax.scatter(p[-1, :, 0], p[-1, :, 1], s=10, color="tab:red", label="end: sample", zorder=3)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
