@@ -13,7 +13,7 @@ Atomicity. Everything is written into a hidden ``.tmp-step_000123-PID/`` beside 
 file flushed and fsync'd, the manifest last; then one os.replace renames the directory to
 ``step_000123`` and the parent directory is fsync'd. A directory named ``step_*`` is
 therefore complete: a crash, a kill or a full disk leaves at most a ``.tmp-*`` folder,
-which is invisible to `latest` and removed by the next `save`. Only after the new checkpoint
+which is invisible to `latest` and removed by the next `write_checkpoint`. Only after the new checkpoint
 is in place are the oldest ones beyond `keep_last` deleted.
 
 Loading checks every file against the manifest (a truncated or corrupt file is named),
@@ -92,7 +92,7 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:09d}"
 
 
-def save(root: str | Path, step: int, config: dict, model: dict[str, Tensor],
+def write_checkpoint(root: str | Path, step: int, config: dict, model: dict[str, Tensor],
          ema: dict[str, Tensor] | None, state: dict, keep_last: int = 3) -> Path:
     """Write a complete checkpoint ``root/step_XXXXXXXXX`` atomically, then keep the last
     `keep_last`. On any error (e.g. OSError ENOSPC) the partial folder is removed, the
@@ -125,7 +125,7 @@ def save(root: str | Path, step: int, config: dict, model: dict[str, Tensor],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in complete(root)[:-keep_last]:
+    for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -133,7 +133,7 @@ def save(root: str | Path, step: int, config: dict, model: dict[str, Tensor],
 # ----------------------------------------------------------------------------------------
 # finding
 
-def complete(root: str | Path) -> list[Path]:
+def complete_checkpoints(root: str | Path) -> list[Path]:
     """The complete checkpoints under `root` (a checkpoints folder), oldest first."""
     root = Path(root)
     if not root.is_dir():
@@ -148,11 +148,11 @@ def complete(root: str | Path) -> list[Path]:
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (``run_dir/checkpoints/step_*``), or None."""
     run_dir = Path(run_dir)
-    found = complete(run_dir / "checkpoints") or complete(run_dir)
+    found = complete_checkpoints(run_dir / "checkpoints") or complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def resolve(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its newest checkpoint)."""
     path = Path(path)
     if (path / MANIFEST).is_file():
@@ -209,9 +209,9 @@ def _verified(path: Path, name: str, entry: dict) -> bytes:
     return data
 
 
-def load(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path) -> Checkpoint:
     """Load and verify a checkpoint folder (or a run folder's newest checkpoint), on the CPU."""
-    path = resolve(path)
+    path = resolve_checkpoint(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         entries = manifest["files"]

@@ -124,13 +124,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     return apply_overrides(config, overrides)
 
 
-def keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
     """Every settable dotted key of a config dataclass and its type, e.g. {"unet.ch": int, ...}."""
     out = {}
     for name, tp in typing.get_type_hints(cls).items():
         sub = _dataclass_in(tp)
         if sub is not None:
-            out.update(keys(sub, f"{prefix}{name}."))
+            out.update(config_keys(sub, f"{prefix}{name}."))
         else:
             out[prefix + name] = tp
     return out
@@ -214,7 +214,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """A new config with each "--key=value" (or "--flag" for a bool) applied, checked.
     All overrides of a section are applied together, so --unet.ch_mult=1,2
     --unet.attn_resolutions=16 is checked as a pair."""
-    valid = keys(type(config))
+    valid = config_keys(type(config))
     tree: dict = {}  # {"unet": {"ch_mult": (1, 2), ...}, "steps": 20}
     for arg in overrides:
         if not arg.startswith("--"):

@@ -21,7 +21,7 @@ def _save(root, step, value=1.0, keep_last=3):
     ema = {"params.w": torch.zeros(3, 4)}
     state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]},
              "rng": ckpt.rng_state()}
-    return ckpt.save(root, step, {"steps": 10, "unet": {"ch": 8}}, model, ema, state, keep_last)
+    return ckpt.write_checkpoint(root, step, {"steps": 10, "unet": {"ch": 8}}, model, ema, state, keep_last)
 
 
 def _snapshot(root):
@@ -33,9 +33,9 @@ def test_round_trip_and_latest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
         _save(root, step, value=step)
-    assert [p.name for p in ckpt.complete(root)] == ["step_000000004", "step_000000006", "step_000000008"]
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000000004", "step_000000006", "step_000000008"]
     assert ckpt.latest(tmp_path).name == "step_000000008"  # from the run folder
-    c = ckpt.load(tmp_path)
+    c = ckpt.read_checkpoint(tmp_path)
     assert c.step == 8 and c.config["unet"]["ch"] == 8
     assert torch.equal(c.model["w"], torch.full((3, 4), 8.0)) and torch.equal(c.ema["params.w"], torch.zeros(3, 4))
     assert torch.equal(c.state["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
@@ -50,9 +50,9 @@ def test_latest_ignores_incomplete_folders(tmp_path):
     assert ckpt.latest(tmp_path / "nothing") is None
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        ckpt.load(tmp_path / "empty")
+        ckpt.read_checkpoint(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="does not exist"):
-        ckpt.load(tmp_path / "missing")
+        ckpt.read_checkpoint(tmp_path / "missing")
 
 
 def test_truncated_file_is_named(tmp_path):
@@ -60,7 +60,7 @@ def test_truncated_file_is_named(tmp_path):
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
-        ckpt.load(path)
+        ckpt.read_checkpoint(path)
 
 
 def test_corrupt_file_is_named(tmp_path):
@@ -70,7 +70,7 @@ def test_corrupt_file_is_named(tmp_path):
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="state.pt is corrupt"):
-        ckpt.load(path)
+        ckpt.read_checkpoint(path)
 
 
 class _Exploit:
@@ -98,7 +98,7 @@ def test_pickled_code_is_refused_not_run(tmp_path):
     manifest["files"]["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="refusing to load"):
-        ckpt.load(path)
+        ckpt.read_checkpoint(path)
     assert not marker.exists()
     # sanity: plain pickle really would have run it
     pickle.loads(pickle.dumps(_Exploit(marker))).close()
@@ -126,7 +126,7 @@ def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     assert sorted(p.name for p in root.iterdir()) == ["step_000000002"]  # no partial folder visible
     assert _snapshot(root) == before
-    assert ckpt.load(tmp_path).step == 2
+    assert ckpt.read_checkpoint(tmp_path).step == 2
 
 
 def test_rng_state_round_trip():

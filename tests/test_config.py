@@ -2,7 +2,7 @@
 
 import pytest
 
-from minildm.config import (ConfigError, TrainConfig, apply_overrides, flatten, from_dict, keys,
+from minildm.config import (ConfigError, TrainConfig, apply_overrides, flatten, from_dict, config_keys,
                             load_config, to_dict)
 
 
@@ -54,7 +54,7 @@ def test_section_checks_rerun_on_override():
 
 
 def test_keys_are_dotted_and_complete():
-    k = keys()
+    k = config_keys()
     assert k["unet.ch"] is int and "optim.lr" in k and "data.path" in k and "quantizer.num_codes" in k
     assert "unet" not in k  # sections themselves are not settable
 

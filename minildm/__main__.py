@@ -1,0 +1,144 @@
+"""The command line: ``python -m minildm {train,sample,evaluate} ...`` (each has --help).
+
+    python -m minildm train configs/tiny_digits_ddpm.py [--key=value ...] [--resume]
+    torchrun --nproc_per_node=8 -m minildm train configs/my_run.py --resume
+    python -m minildm sample runs/tiny_digits_ddpm --n 64 --out grid.png [--sampler ddim --steps 50]
+    python -m minildm evaluate runs/tiny_digits_ddpm
+
+A user mistake (a config typo, a missing image folder, a corrupt image or checkpoint, an
+incompatible resume, a non-finite loss) prints one line to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from minildm.checkpoint import CheckpointError
+from minildm.config import ConfigError, TrainConfig, from_dict, load_config
+from minildm.data import DataError
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError)  # + runner.RunError, imported lazily
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minildm", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a stage from a config file",
+                       description="Train from CONFIG.py (which defines `config = TrainConfig(...)`); "
+                                   "override any field with --key=value, e.g. --optim.lr=1e-4 --unet.ch_mult=1,2,2.")
+    t.add_argument("config", help="a Python config file, e.g. configs/tiny_digits_ddpm.py")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in run_dir (a fresh start if none)")
+    s = sub.add_parser("sample", help="draw samples from a diffusion checkpoint into a PNG grid")
+    s.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    s.add_argument("--sampler", choices=("ddim", "ddpm", "heun"), default="ddim", help="default ddim")
+    s.add_argument("--steps", type=int, default=50, help="sampler steps for ddim / heun (default 50)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    e = sub.add_parser("evaluate", help="FID/KID of a digit diffusion model, or PSNR/SSIM of an autoencoder")
+    e.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
+    e.add_argument("--n", type=int, default=500, help="samples for FID/KID (default 500, the digit test set)")
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    e.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    return p
+
+
+def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
+    """The network of a checkpoint (EMA weights if it has them and use_ema), in eval mode."""
+    from minildm import checkpoint as ckpt
+    from minildm.runner import build_model
+    c = ckpt.read_checkpoint(path)
+    try:
+        config = from_dict(c.config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{c.path / 'config.json'} is not a config this minildm can read: {err}") from None
+    net = build_model(config)
+    net.load_state_dict(c.model)
+    if use_ema and c.ema is not None:
+        for name, p in net.named_parameters():
+            p.data.copy_(c.ema[f"params.{name}"])
+    return net.eval(), config
+
+
+def _sample(net: torch.nn.Module, config: TrainConfig, n: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
+    from minildm.runner import make_schedule
+    from minildm.sampling import sample_ddim, sample_ddpm, sample_heun
+    if config.stage != "diffusion":
+        raise ConfigError(f"this checkpoint is a first-stage autoencoder (stage={config.stage}); "
+                          "it has no sampler: use `python -m minildm evaluate`")
+    schedule = make_schedule(config)
+    c, size = config.unet.in_ch, config.unet.image_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, size, size), generator=g)
+    kw = {"prediction": config.diffusion.prediction, "clip_x0": 1.0, "progress": sys.stderr.isatty()}
+    if sampler == "ddpm":
+        return sample_ddpm(net, x, schedule, generator=g, **kw)
+    sample = sample_ddim if sampler == "ddim" else sample_heun
+    return sample(net, x, schedule, min(steps, schedule.T), generator=g, **kw)
+
+
+def _evaluate(net: torch.nn.Module, config: TrainConfig, n: int, steps: int, seed: int) -> dict:
+    """FID and KID against the digits' test split (diffusion on digits), or PSNR and SSIM of
+    the reconstructions of the held-out images (autoencoder)."""
+    from minildm.metrics import fid, kid, psnr, ssim
+    from minildm.runner import validation_images
+    if config.stage == "diffusion":
+        if config.data.source != "digits":
+            raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
+        real = validation_images(config, 500)
+        with torch.no_grad():
+            fake = torch.cat([_sample(net, config, min(250, n - i), "ddim", steps, seed + i)
+                              for i in range(0, n, 250)]).clamp(-1, 1)
+        if real.shape[-1] != 28:  # the classifier reads 28 x 28 digits; undo the 32 px padding
+            real, fake = real[..., 2:-2, 2:-2], fake[..., 2:-2, 2:-2]
+        kid_mean, kid_std = kid(real, fake, subset_size=min(len(real), len(fake), 1000))
+        return {"fid": fid(real, fake), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps}
+    x = validation_images(config, 10_000)
+    with torch.no_grad():
+        from minildm.autoencoder import AutoencoderKL
+        x_rec = torch.cat([(net(b, sample=False) if isinstance(net, AutoencoderKL) else net(b))[0]
+                           for b in x.split(250)]).clamp(-1, 1)
+    return {"psnr": psnr(x_rec, x).mean().item(), "ssim": ssim(x_rec, x).mean().item(), "n": len(x)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the exit code (2 for a user mistake, with one line on stderr)."""
+    from minildm.runner import RunError
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        if args.command == "train":
+            from minildm.runner import run
+            config = load_config(args.config, rest)
+            last = run(config, resume=args.resume)
+            print(f"done: {last}")
+            return 0
+        if rest:
+            raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+        net, config = _load_model(args.checkpoint, use_ema=not args.no_ema)
+        if args.command == "sample":
+            from minildm.runner import save_png
+            with torch.no_grad():
+                x = _sample(net, config, args.n, args.sampler, args.steps, args.seed)
+            save_png(x, Path(args.out))
+            print(f"wrote {args.out}")
+            return 0
+        print(json.dumps(_evaluate(net, config, args.n, args.steps, args.seed)))
+        return 0
+    except (*USER_ERRORS, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
