@@ -10,8 +10,8 @@ the exact log-likelihood through the probability-flow ODE; in nats and bits per 
 
    where p(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_hat), sigma_t^2 I) uses the network's x0_hat and a
    fixed variance (`reverse_variance`). For 8-bit images the decoder is DDPM's discretized
-   Gaussian (section 3.3, eq. 13): its NLL is a probability, in bits per dimension directly
-   comparable with the papers. For continuous data (the 2-D toys) it is a Gaussian density.
+   Gaussian (section 3.3, eq. 13): the bound is then on the NLL of a probability, in bits per
+   dimension directly comparable with the papers. For continuous data (the 2-D toys) it is a Gaussian density.
 
 2. The probability-flow ODE (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
    eq. 13 and appendix D.2) maps data to noise deterministically, and the instantaneous change
@@ -23,7 +23,8 @@ the exact log-likelihood through the probability-flow ODE; in nats and bits per 
    call the network at the fractional index s(lam). The flow runs from s = 0 (one noising step,
    sigma ~ 0.01 for DDPM's linear schedule; the role of Song et al.'s t = eps) to s = T - 1.
    The divergence is exact (one backward pass per dimension) or Hutchinson's estimate (one
-   backward pass per probe, probes fixed along the path).
+   backward pass per probe, probes fixed along the path). `ode_decoder_nll` joins the two: the
+   ODE's density for x_1 and the bound's decoder for x0, which suits 8-bit images.
 
 3. Units. An NLL in nats over D dimensions is NLL / (D ln 2) bits per dimension. A continuous
    density of 8-bit data is made comparable with a discrete one by uniform dequantization

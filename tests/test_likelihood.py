@@ -273,6 +273,7 @@ def test_evaluation_leaves_the_model_and_rng_alone():
     L.vlb_terms(model, x, s)
     L.ode_nll(model, x, s, method="rk4", steps=5)
     L.ode_nll(model, x, s, trace="hutchinson", method="euler", steps=5)
+    L.ode_decoder_nll(model, x, s, decoder="gaussian", method="rk45", rtol=1e-2, atol=1e-2)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
