@@ -56,13 +56,26 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (ADM's GroupNorm32).
+
+    ADM normalises in float32 for stable mixed-precision training. Under CPU bf16 autocast
+    PyTorch would otherwise run GroupNorm in bf16, and its channels_last bf16 backward is
+    several times slower than the float32 one (BENCHMARKS.md); the price is two casts.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight.float(), self.bias.float()  # no-ops unless the model is in bf16/fp16
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
 def normalization(ch: int, groups: int) -> nn.GroupNorm:
     """GroupNorm over `ch` channels in `groups` groups (Wu & He 2018), as in DDPM/ADM.
 
     GroupNorm normalises each sample on its own, so a sample's output never depends on
     the rest of the batch (unlike BatchNorm).
     """
-    return nn.GroupNorm(groups, ch, eps=1e-5)
+    return GroupNorm32(groups, ch, eps=1e-5)
 
 
 def count_params(module: nn.Module) -> int:
@@ -113,13 +126,37 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, L, heads * d)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, Eq. 1), computed in float32.
+
+    q (B, nh, Lq, d), k and v (B, nh, Lk, d), mask broadcastable to (B, nh, Lq, Lk), True =
+    attend. Runs F.scaled_dot_product_attention (a fused kernel that never stores the
+    Lq x Lk matrix) with autocast off, so the softmax is in float32 as in ADM's attention;
+    on CPU the float32 kernel is also faster than the bf16 one (see BENCHMARKS.md).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return out.to(q.dtype)  # (B, nh, Lq, d)
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, HW, C): one token per pixel (a free view if x is channels_last)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _image(h: Tensor, H: int, W: int) -> Tensor:
+    """(B, HW, C) -> (B, C, H, W), the inverse of _tokens."""
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], H, W)
+
+
 class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, residual.
 
     softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1) with Q, K, V linear maps of
-    GN(x); every pixel attends to every pixel. As in DDPM/ADM at low resolutions. The output
-    projection is zero-initialised, so the block starts as the identity. Runs on
-    F.scaled_dot_product_attention (a fused kernel).
+    GN(x); every pixel attends to every pixel. As in DDPM/ADM at low resolutions, whose
+    per-pixel linear maps are 1x1 convolutions (on CPU these also run faster than
+    nn.Linear in float32). The output projection is zero-initialised, so the block starts
+    as the identity.
     """
 
     def __init__(self, ch: int, heads: int = 1, groups: int = 32):
@@ -128,17 +165,15 @@ class SelfAttention2d(nn.Module):
             raise ValueError(f"ch={ch} must be divisible by heads={heads}")
         self.heads = heads
         self.norm = normalization(ch, groups)
-        self.qkv = nn.Linear(ch, 3 * ch)
-        self.proj = zero_module(nn.Linear(ch, ch))
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_module(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); free if x is channels_last
-        q, k, v = self.qkv(h).chunk(3, dim=-1)  # 3 x (B, HW, C)
+        q, k, v = _tokens(self.qkv(self.norm(x))).chunk(3, dim=-1)  # 3 x (B, HW, C)
         q, k, v = (_split_heads(z, self.heads) for z in (q, k, v))  # (B, nh, HW, d)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, d)
-        h = self.proj(_merge_heads(h))  # (B, HW, C)
-        return x + h.transpose(1, 2).view(B, C, H, W)
+        h = _merge_heads(attention(q, k, v))  # (B, HW, C)
+        return x + self.proj(_image(h, H, W))  # (B, C, H, W)
 
 
 class CrossAttention2d(nn.Module):
@@ -160,14 +195,14 @@ class CrossAttention2d(nn.Module):
             raise ValueError(f"ch={ch} must be divisible by heads={heads}")
         self.heads = heads
         self.norm = normalization(ch, groups)
-        self.q = nn.Linear(ch, ch)
+        self.q = nn.Conv2d(ch, ch, 1)
         self.kv = nn.Linear(context_dim, 2 * ch)
-        self.proj = zero_module(nn.Linear(ch, ch))
+        self.proj = zero_module(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         # x: (B, C, H, W), context: (B, L, context_dim), mask: (B, L) bool or None
         B, C, H, W = x.shape
-        q = self.q(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        q = _tokens(self.q(self.norm(x)))  # (B, HW, C)
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, L, C)
         q, k, v = (_split_heads(z, self.heads) for z in (q, k, v))  # (B, nh, *, d)
         attn_mask = None
@@ -176,11 +211,10 @@ class CrossAttention2d(nn.Module):
             # a fully masked row would give softmax over nothing (NaN): let it attend
             # everywhere, then drop its result below
             attn_mask = (mask | ~has_tokens[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, HW, d)
-        h = self.proj(_merge_heads(h))  # (B, HW, C)
+        h = self.proj(_image(_merge_heads(attention(q, k, v, attn_mask)), H, W))  # (B, C, H, W)
         if mask is not None:
-            h = h * has_tokens[:, None, None].to(h.dtype)  # no tokens -> no update
-        return x + h.transpose(1, 2).view(B, C, H, W)
+            h = h * has_tokens[:, None, None, None].to(h.dtype)  # no tokens -> no update
+        return x + h
 
 
 class Downsample(nn.Module):

@@ -167,7 +167,7 @@ class UNet(nn.Module):
         t = t.expand(B) if t.ndim == 0 else t  # a scalar time for the whole batch
 
         # 1. embedding of the time (and the class)
-        emb = self.time_embed(timestep_embedding(t, cfg.ch))  # (B, 4ch)
+        emb = self.time_embed(timestep_embedding(t, cfg.ch).to(x.dtype))  # (B, 4ch)
         context = None
         if self.class_embed is not None:
             if cond is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minildm.nn import (CrossAttention2d, Downsample, ResBlock, SelfAttention2d, Upsample,
+from minildm.nn import (CrossAttention2d, Downsample, ResBlock, SelfAttention2d, Upsample, attention,
                         count_params, normalization, timestep_embedding, zero_module)
 
 
@@ -95,10 +95,10 @@ def test_self_attention_matches_naive(heads):
     x = torch.randn(2, 16, 5, 7)
     B, C, H, W = x.shape
     h = F.group_norm(x, 4, block.norm.weight, block.norm.bias).reshape(B, C, H * W).transpose(1, 2)
-    q, k, v = (h @ block.qkv.weight.T + block.qkv.bias).split(C, dim=-1)
+    q, k, v = (h @ block.qkv.weight.flatten(1).T + block.qkv.bias).split(C, dim=-1)
     split = lambda z: z.reshape(B, H * W, heads, C // heads).permute(0, 2, 1, 3)
     o = naive_attention(split(q), split(k), split(v)).permute(0, 2, 1, 3).reshape(B, H * W, C)
-    o = o @ block.proj.weight.T + block.proj.bias  # (B, HW, C)
+    o = o @ block.proj.weight.flatten(1).T + block.proj.bias  # (B, HW, C)
     ref = x + o.transpose(1, 2).reshape(B, C, H, W)
     torch.testing.assert_close(block(x), ref)
     torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), ref)
@@ -111,11 +111,11 @@ def test_cross_attention_matches_naive_with_mask(heads):
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     B, C, H, W = x.shape
     q = F.group_norm(x, 2, block.norm.weight, block.norm.bias).reshape(B, C, H * W).transpose(1, 2)
-    q = q @ block.q.weight.T + block.q.bias
+    q = q @ block.q.weight.flatten(1).T + block.q.bias
     k, v = (c @ block.kv.weight.T + block.kv.bias).split(C, dim=-1)
     split = lambda z: z.reshape(B, -1, heads, C // heads).permute(0, 2, 1, 3)
     o = naive_attention(split(q), split(k), split(v), mask).permute(0, 2, 1, 3).reshape(B, H * W, C)
-    o = o @ block.proj.weight.T + block.proj.bias
+    o = o @ block.proj.weight.flatten(1).T + block.proj.bias
     ref = x + o.transpose(1, 2).reshape(B, C, H, W)
     torch.testing.assert_close(block(x, c, mask), ref)
 
@@ -138,6 +138,26 @@ def test_cross_attention_all_masked_is_identity():
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], x[0])  # no tokens: no update
     assert not torch.allclose(out[1], x[1])
+
+
+def test_attention_runs_in_float32_under_autocast():
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    ref = naive_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_groupnorm_in_float32_keeps_dtype():
+    gn = perturb_(normalization(8, 4))
+    x = torch.randn(2, 8, 5, 5)
+    ref = F.group_norm(x, 4, gn.weight, gn.bias, 1e-5)
+    torch.testing.assert_close(gn(x), ref)
+    out = gn(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.group_norm(x.bfloat16().float(), 4, gn.weight, gn.bias, 1e-5),
+                               rtol=1e-2, atol=1e-2)
 
 
 def test_attention_is_identity_at_init():

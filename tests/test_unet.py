@@ -117,6 +117,20 @@ def test_scalar_time_and_channels_last():
                                ref, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_and_bf16_weights_are_close_to_fp32():
+    cfg, shape = CONFIGS["rgb32"]
+    model = perturbed(cfg)
+    x, t = torch.randn(shape), torch.tensor([5.0, 600.0])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(x, t)
+        pure = model.to(torch.bfloat16)(x.bfloat16(), t)
+    assert auto.dtype == pure.dtype == torch.bfloat16
+    for out in (auto, pure):
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-2
+
+
 def test_cond_misuse_raises():
     cfg, shape = CONFIGS["latent8"]
     x, t = torch.randn(shape), torch.zeros(2)
