@@ -153,10 +153,8 @@ class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, residual.
 
     softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1) with Q, K, V linear maps of
-    GN(x); every pixel attends to every pixel. As in DDPM/ADM at low resolutions, whose
-    per-pixel linear maps are 1x1 convolutions (on CPU these also run faster than
-    nn.Linear in float32). The output projection is zero-initialised, so the block starts
-    as the identity.
+    GN(x); every pixel attends to every pixel. As in DDPM/ADM at low resolutions. The output
+    projection is zero-initialised, so the block starts as the identity.
     """
 
     def __init__(self, ch: int, heads: int = 1, groups: int = 32):
@@ -165,15 +163,15 @@ class SelfAttention2d(nn.Module):
             raise ValueError(f"ch={ch} must be divisible by heads={heads}")
         self.heads = heads
         self.norm = normalization(ch, groups)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero_module(nn.Conv2d(ch, ch, 1))
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_module(nn.Linear(ch, ch))
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = _tokens(self.qkv(self.norm(x))).chunk(3, dim=-1)  # 3 x (B, HW, C)
+        q, k, v = self.qkv(_tokens(self.norm(x))).chunk(3, dim=-1)  # 3 x (B, HW, C)
         q, k, v = (_split_heads(z, self.heads) for z in (q, k, v))  # (B, nh, HW, d)
-        h = _merge_heads(attention(q, k, v))  # (B, HW, C)
-        return x + self.proj(_image(h, H, W))  # (B, C, H, W)
+        h = self.proj(_merge_heads(attention(q, k, v)))  # (B, HW, C)
+        return x + _image(h, H, W)  # (B, C, H, W)
 
 
 class CrossAttention2d(nn.Module):
@@ -195,14 +193,14 @@ class CrossAttention2d(nn.Module):
             raise ValueError(f"ch={ch} must be divisible by heads={heads}")
         self.heads = heads
         self.norm = normalization(ch, groups)
-        self.q = nn.Conv2d(ch, ch, 1)
+        self.q = nn.Linear(ch, ch)
         self.kv = nn.Linear(context_dim, 2 * ch)
-        self.proj = zero_module(nn.Conv2d(ch, ch, 1))
+        self.proj = zero_module(nn.Linear(ch, ch))
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         # x: (B, C, H, W), context: (B, L, context_dim), mask: (B, L) bool or None
         B, C, H, W = x.shape
-        q = _tokens(self.q(self.norm(x)))  # (B, HW, C)
+        q = self.q(_tokens(self.norm(x)))  # (B, HW, C)
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, L, C)
         q, k, v = (_split_heads(z, self.heads) for z in (q, k, v))  # (B, nh, *, d)
         attn_mask = None
@@ -211,10 +209,10 @@ class CrossAttention2d(nn.Module):
             # a fully masked row would give softmax over nothing (NaN): let it attend
             # everywhere, then drop its result below
             attn_mask = (mask | ~has_tokens[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        h = self.proj(_image(_merge_heads(attention(q, k, v, attn_mask)), H, W))  # (B, C, H, W)
+        h = self.proj(_merge_heads(attention(q, k, v, attn_mask)))  # (B, HW, C)
         if mask is not None:
-            h = h * has_tokens[:, None, None, None].to(h.dtype)  # no tokens -> no update
-        return x + h
+            h = h * has_tokens[:, None, None].to(h.dtype)  # no tokens -> no update
+        return x + _image(h, H, W)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -95,10 +95,10 @@ def test_self_attention_matches_naive(heads):
     x = torch.randn(2, 16, 5, 7)
     B, C, H, W = x.shape
     h = F.group_norm(x, 4, block.norm.weight, block.norm.bias).reshape(B, C, H * W).transpose(1, 2)
-    q, k, v = (h @ block.qkv.weight.flatten(1).T + block.qkv.bias).split(C, dim=-1)
+    q, k, v = (h @ block.qkv.weight.T + block.qkv.bias).split(C, dim=-1)
     split = lambda z: z.reshape(B, H * W, heads, C // heads).permute(0, 2, 1, 3)
     o = naive_attention(split(q), split(k), split(v)).permute(0, 2, 1, 3).reshape(B, H * W, C)
-    o = o @ block.proj.weight.flatten(1).T + block.proj.bias  # (B, HW, C)
+    o = o @ block.proj.weight.T + block.proj.bias  # (B, HW, C)
     ref = x + o.transpose(1, 2).reshape(B, C, H, W)
     torch.testing.assert_close(block(x), ref)
     torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), ref)
@@ -111,11 +111,11 @@ def test_cross_attention_matches_naive_with_mask(heads):
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     B, C, H, W = x.shape
     q = F.group_norm(x, 2, block.norm.weight, block.norm.bias).reshape(B, C, H * W).transpose(1, 2)
-    q = q @ block.q.weight.flatten(1).T + block.q.bias
+    q = q @ block.q.weight.T + block.q.bias
     k, v = (c @ block.kv.weight.T + block.kv.bias).split(C, dim=-1)
     split = lambda z: z.reshape(B, -1, heads, C // heads).permute(0, 2, 1, 3)
     o = naive_attention(split(q), split(k), split(v), mask).permute(0, 2, 1, 3).reshape(B, H * W, C)
-    o = o @ block.proj.weight.flatten(1).T + block.proj.bias
+    o = o @ block.proj.weight.T + block.proj.bias
     ref = x + o.transpose(1, 2).reshape(B, C, H, W)
     torch.testing.assert_close(block(x, c, mask), ref)
 
