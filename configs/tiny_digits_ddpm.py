@@ -11,9 +11,9 @@ from minildm.unet import UNetConfig
 
 config = TrainConfig(
     stage="diffusion",
-    steps=600,
+    steps=500,
     run_dir="runs/tiny_digits_ddpm",
-    data=DataConfig(source="digits", image_size=28, batch_size=64),
+    data=DataConfig(source="digits", image_size=28, batch_size=32),
     optim=OptimConfig(lr=2e-3, warmup_steps=50, grad_clip=1.0),
     unet=UNetConfig(in_ch=1, out_ch=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                     attn_resolutions=(), heads=1, groups=8, image_size=28),

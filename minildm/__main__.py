@@ -61,7 +61,7 @@ def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, Train
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{c.path / 'config.json'} is not a config this minildm can read: {err}") from None
     net = build_model(config)
-    net.load_state_dict(c.model)
+    ckpt.load_weights(net, c.model, c.path)
     if use_ema and c.ema is not None:
         for name, p in net.named_parameters():
             p.data.copy_(c.ema[f"params.{name}"])
@@ -99,7 +99,7 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, n: int, steps: int, see
                               for i in range(0, n, 250)]).clamp(-1, 1)
         if real.shape[-1] != 28:  # the classifier reads 28 x 28 digits; undo the 32 px padding
             real, fake = real[..., 2:-2, 2:-2], fake[..., 2:-2, 2:-2]
-        kid_mean, kid_std = kid(real, fake, subset_size=min(len(real), len(fake), 1000))
+        kid_mean, kid_std = kid(real, fake, subset_size=min(len(real), len(fake)) // 2)  # subsets must vary
         return {"fid": fid(real, fake), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps}
     x = validation_images(config, 10_000)
     with torch.no_grad():

@@ -254,3 +254,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["mt"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, Tensor], where: Path) -> None:
+    """module.load_state_dict(tensors), with a mismatch (a checkpoint from another version of
+    the model) reported as a CheckpointError naming the first differing tensors."""
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{where} does not fit the model its config builds: "
+                              f"{'; '.join(details[:2]) or e}") from None

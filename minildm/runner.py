@@ -256,7 +256,7 @@ def restore_run(path: Path, config: TrainConfig, net: nn.Module, ema: EMA | None
     changed = check_compatible(c.config, config, path)
     if changed:
         print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
-    net.load_state_dict(c.model)
+    ckpt.load_weights(net, c.model, c.path)
     opt.load_state_dict(c.state["optimizer"])
     if ema is not None and c.ema is not None:
         ema.load_state_dict({**c.state["ema"],
@@ -330,8 +330,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
     it = iter(loader)
     stop_requested = []
     previous_handler = None
-    if r.world == 1 and start < config.steps and threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))  # preemption
+    if start < config.steps and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))  # preemption; all_reduced below
     main = r.rank == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -423,9 +423,10 @@ def peak_memory_mb(device: torch.device) -> float:
 # sample grids and validation metrics (rank 0)
 
 def validation_images(config: TrainConfig, n: int) -> Tensor:
-    """The first n held-out images: the digits' test split, or the first n of the folder."""
+    """n held-out images, evenly spaced through the digits' test split (which is sorted by
+    class: every digit appears) or through the image folder."""
     ds = make_dataset(config, "test" if config.data.source == "digits" else "train")
-    return torch.stack([ds[i] for i in range(min(n, len(ds)))])
+    return torch.stack([ds[i] for i in torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()])
 
 
 def save_png(x: Tensor, path: Path, nrow: int = 8) -> None:
@@ -463,7 +464,8 @@ def write_samples(config: TrainConfig, net: nn.Module, ema: EMA | None, schedule
             x_rec = net(x, sample=False)[0] if isinstance(net, AutoencoderKL) else net(x)[0]
             metrics = {"psnr": psnr(x_rec.clamp(-1, 1), x).mean().item(),
                        "ssim": ssim(x_rec.clamp(-1, 1), x).mean().item()}
-            grid = torch.cat([x[:n], x_rec[:n]])
+            pick = torch.linspace(0, len(x) - 1, min(n, len(x))).long()  # every class
+            grid = torch.cat([x[pick], x_rec[pick]])  # originals above their reconstructions
         net.train()
     save_png(grid, run_dir / "samples" / f"step_{step:09d}.png")
     record = {"step": step, **metrics}

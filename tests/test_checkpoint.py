@@ -147,3 +147,10 @@ def test_write_is_fsynced(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     _save(tmp_path, 1)
     assert len(synced) >= 6  # 5 files + the manifest (+ the folders)
+
+
+def test_weights_of_another_model_shape_are_named(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    ckpt.load_weights(net, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, tmp_path)
+    with pytest.raises(CheckpointError, match="does not fit the model.*size mismatch for weight"):
+        ckpt.load_weights(net, {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, tmp_path)
