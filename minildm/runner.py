@@ -317,7 +317,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
     start = restore_run(existing, config, net, ema, opt) if existing is not None else 0
     model = net
     if r.world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+        ids = [r.device.index] if r.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if config.compile:
         model = torch.compile(model)
     schedule = make_schedule(config) if config.stage == "diffusion" else None
@@ -331,7 +332,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
     stop_requested = []
     previous_handler = None
     if start < config.steps and threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))  # preemption; all_reduced below
+        # preemption (SLURM, spot instances): finish the step, save, stop; all ranks agree below
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     main = r.rank == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +347,7 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, Tensor] = {}  # each loss term summed over the micro-batches
             for a in range(A):
                 torch.manual_seed(seed_for(config.seed, step, a, r.rank))  # dropout, VQ restarts
                 g = torch.Generator(r.device).manual_seed(seed_for(config.seed, step, a, 1 << 20)
@@ -390,16 +392,25 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                 t_log, images = time.perf_counter(), 0
             final = done == config.steps or values[-1].item() > 0
             if done % config.ckpt_every == 0 or final:
+                failed = None
                 if main:
                     try:
                         last = save_run(config, done, net, ema, opt)
                     except OSError as e:
-                        raise RunError(f"could not write the checkpoint of step {done} ({e.strerror or e}); "
-                                       f"nothing partial was left; the last good checkpoint is {last}") from None
-                if r.world > 1:
-                    dist.barrier()
+                        failed = RunError(f"could not write the checkpoint of step {done} ({e.strerror or e}); "
+                                          f"nothing partial was left; the last good checkpoint is {last}")
+                if r.world > 1:  # the other ranks learn whether rank 0 saved, rather than wait forever
+                    flag = torch.tensor([float(failed is not None)], device=r.device)
+                    dist.all_reduce(flag)
+                    if flag.item() > 0 and failed is None:
+                        failed = RunError(f"rank 0 could not write the checkpoint of step {done}; stopping")
+                if failed is not None:
+                    raise failed
             if main and ((config.sample_every and done % config.sample_every == 0) or done == config.steps):
-                write_samples(config, net, ema, schedule, done, r.device)
+                try:
+                    write_samples(config, net, ema, schedule, done, r.device)
+                except OSError as e:  # a grid is not worth a run: warn and go on
+                    print(f"warning: could not write samples at step {done}: {e}", file=sys.stderr)
             if values[-1].item() > 0:
                 raise RunError(f"stopped by SIGTERM after step {done}; checkpoint {last} written; "
                                "continue with --resume")

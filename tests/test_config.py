@@ -75,7 +75,8 @@ def test_load_config_file(tmp_path):
 
 
 def test_json_round_trip():
-    c = apply_overrides(TrainConfig(stage="autoencoder"), ["--quantizer.num_codes=16", "--unet.ch_mult=1,2", "--unet.attn_resolutions=16"])
+    c = apply_overrides(TrainConfig(stage="autoencoder"),
+                        ["--quantizer.num_codes=16", "--unet.ch_mult=1,2", "--unet.attn_resolutions=16"])
     assert from_dict(to_dict(c)) == c
     assert flatten(to_dict(c))["unet.ch_mult"] == [1, 2]
 
