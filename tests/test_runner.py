@@ -307,3 +307,13 @@ def test_full_disk_while_saving(cfg, tmp_path, capsys, monkeypatch):
     fails_with(capsys, ["train", cfg, f"--run_dir={run_dir}"], "No space left on device", "step_000000002")
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000000002"]
     assert ckpt.read_checkpoint(run_dir).step == 2
+
+
+def test_bf16_accumulation_and_workers_run(cfg, tmp_path):
+    run_dir = tmp_path / "opts"
+    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", "--bf16", "--optim.accumulate=2",
+                 "--data.num_workers=1", "--optim.grad_clip=None", "--ema_decay=None"]) == 0
+    c = ckpt.read_checkpoint(run_dir)
+    assert c.step == 2 and c.ema is None
+    fails_with_code = main(["train", cfg, f"--run_dir={tmp_path / 'x'}", "--optim.accumulate=3"])
+    assert fails_with_code == 2  # 8 images do not split into 3 micro-batches
