@@ -12,6 +12,7 @@ incompatible resume, a non-finite loss) prints one line to stderr and exits with
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minildm.checkpoint import CheckpointError
-from minildm.config import ConfigError, TrainConfig, from_dict, load_config
+from minildm.config import ConfigError, TrainConfig, config_keys, from_dict, load_config
 from minildm.data import DataError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError)  # + runner.RunError, imported lazily
@@ -28,7 +29,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError)  # + runner.RunError, im
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minildm", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a stage from a config file",
+    t = sub.add_parser("train", help="train a stage from a config file", allow_abbrev=False,
                        description="Train from CONFIG.py (which defines `config = TrainConfig(...)`); "
                                    "override any field with --key=value, e.g. --optim.lr=1e-4 --unet.ch_mult=1,2,2.")
     t.add_argument("config", help="a Python config file, e.g. configs/tiny_digits_ddpm.py")
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from minildm.runner import run
+            for arg in rest:  # a mistyped --resume would otherwise read as a config key
+                key = arg[2:].partition("=")[0]
+                if key not in config_keys() and difflib.get_close_matches(key, ["resume"], cutoff=0.7):
+                    raise ConfigError(f"unknown option {arg!r}; did you mean --resume?")
             config = load_config(args.config, rest)
             last = run(config, resume=args.resume)
             print(f"done: {last}")

@@ -213,6 +213,7 @@ def test_unknown_key_and_wrong_type(run_copy, cfg, capsys):
                "unknown config key 'unet.chmult'", "did you mean --unet.ch_mult?")
     fails_with(capsys, ["train", cfg, f"--run_dir={run_copy}", "--resume", "--optim.lr=fast"],
                "--optim.lr=fast", "expected float")
+    fails_with(capsys, ["train", cfg, f"--run_dir={run_copy}", "--resum"], "did you mean --resume?")
     assert snapshot(run_copy) == before
 
 
