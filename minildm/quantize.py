@@ -20,10 +20,10 @@ few codes: VQGAN with 16,384 codes uses under 12% of them on ImageNet, VQGAN-LC 
 - ema: codes are running means of the vectors assigned to them (VQ-VAE Appendix A.1,
   Razavi et al. 2019 "VQ-VAE-2"), with Laplace smoothing of the counts;
 - restart_dead: a code unused for `dead_after` training calls is moved onto a random
-  encoder output of the current batch (Dhariwal et al. 2020 "Jukebox", Sec. 3.3;
-  Zeghidour et al. 2021 "SoundStream", Sec. III-C);
+  encoder output of the current batch (the "random restarts" of Dhariwal et al. 2020,
+  "Jukebox"; Zeghidour et al. 2021, "SoundStream");
 - l2_normalize: codes and z on the unit sphere, i.e. cosine similarity (Yu et al. 2022
-  "ViT-VQGAN", Sec. 3.2).
+  "Vector-quantized Image Modeling with Improved VQGAN", ViT-VQGAN).
 
 The EMA statistics and the usage counters are buffers (saved in the state_dict) and change
 only in training mode. Single process: under DDP the EMA sums would need an all-reduce.
@@ -181,8 +181,8 @@ class VectorQuantizer(nn.Module):
         return idle >= self.config.dead_after
 
     def _restart_dead(self, z_flat: Tensor) -> int:
-        """Move each dead code onto a random encoder output of this batch (Jukebox Sec. 3.3):
-        it lands where the data is, so the next search can pick it. Returns how many."""
+        """Move each dead code onto a random encoder output of this batch (Jukebox's random
+        restarts): it lands where the data is, so the next search can pick it. Returns how many."""
         dead = self.dead_codes()  # (K,) bool
         num = int(dead.sum())
         if num == 0:
