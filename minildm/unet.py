@@ -13,7 +13,7 @@ Layout of DDPM (Ho et al. 2020, Appendix B) as refined by ADM (Dhariwal & Nichol
 Conditioning (one forward signature, `unet(x, t, cond=None, context_mask=None)`):
 
     time t           sinusoidal embedding -> MLP -> emb (B, 4*ch), added in every ResBlock
-    num_classes=K    cond = class labels (B,) in 0..K; label K is the "null" class, used for
+    num_classes=K    cond = class labels (B,) in 0..K-1, or K: the "null" class of
                      classifier-free guidance (Ho & Salimans 2022); cond=None means all-null
     context_dim=D    cond = token sequence (B, L, D), read by cross-attention (Rombach et al.
                      2022, Sec. 3.3) after every self-attention; context_mask (B, L) bool marks
@@ -161,6 +161,8 @@ class UNet(nn.Module):
         cond: None; class labels (B,) long if config.num_classes is set (None = null class);
         or a context (B, L, context_dim) if config.context_dim is set (None = no context).
         context_mask: (B, L) bool, True for real tokens; only with a context.
+        t may be fractional. H and W need not equal config.image_size (any size works, odd
+        ones too), but attention stays at the levels config.image_size put it at.
         """
         cfg = self.config
         B = x.shape[0]
