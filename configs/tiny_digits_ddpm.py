@@ -17,7 +17,7 @@ config = TrainConfig(
     optim=OptimConfig(lr=2e-3, warmup_steps=50, grad_clip=1.0),
     unet=UNetConfig(in_ch=1, out_ch=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                     attn_resolutions=(), heads=1, groups=8, image_size=28),
-    diffusion=DiffusionConfig(schedule="cosine", T=200, prediction="eps"),
+    diffusion=DiffusionConfig(schedule="cosine", T=200, prediction="v"),  # eps left noisy samples at 500 steps
     ema_decay=0.995,
     num_threads=1,
     log_every=25,
