@@ -182,9 +182,9 @@ class DiagonalGaussian:
 
     Built from the encoder output `params` (B, 2C, H, W): the first C channels are the mean,
     the last C the log-variance, clamped to [-30, 20] as in LDM so that exp() stays finite.
-    Half-precision params (bf16 autocast) are computed in float32. Every "per image" quantity below is summed
+    Half-precision params (from bf16 autocast) are cast to float32. `kl` and `nll` are summed
     over the C * H * W latent dimensions and returned per image, shape (B,); the training
-    loss then takes the mean over the batch (LDM: sum over dims, divide by the batch size).
+    loss takes their mean over the batch (as LDM: sum over dims, divide by the batch size).
     """
 
     def __init__(self, params: Tensor):
@@ -219,7 +219,7 @@ class DiagonalGaussian:
         """-log q(z | x) per image, in nats, shape (B,):
         1/2 sum_i (log(2 pi) + logvar_i + (z_i - mean_i)^2 / var_i)."""
         return 0.5 * (math.log(2 * math.pi) + self.logvar
-                      + (z.float() - self.mean).square() / self.var).flatten(1).sum(1)
+                      + (z.to(self.mean.dtype) - self.mean).square() / self.var).flatten(1).sum(1)
 
 
 # -----------------------------------------------------------------------------
