@@ -10,15 +10,6 @@ from scipy import stats
 from minildm.distances import median_bandwidth, mmd, sliced_wasserstein, wasserstein_1d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small ops, which a second thread only slows down on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("n,m", [(50, 50), (37, 90), (1, 5)])
 def test_wasserstein_1d_matches_scipy(n, m):
     g = torch.Generator().manual_seed(n + m)

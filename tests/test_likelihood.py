@@ -16,15 +16,6 @@ from minildm.ode import odeint
 from minildm.schedules import cosine_schedule, linear_schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small ops, which a second thread only slows down on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------
 # building blocks
 

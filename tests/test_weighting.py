@@ -15,15 +15,6 @@ from minildm.weighting import WEIGHTINGS, loss_weight, x0_weight
 PREDICTIONS = ["eps", "x0", "v"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many small ops, which a second thread only slows down on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_simple_is_one_everywhere(prediction):
     s = linear_schedule(100)
