@@ -37,7 +37,7 @@ T, PREDICTION, BATCH, LR, EMA_DECAY = 100, "v", 64, 2e-3, 0.995
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Train one of lesson 03's digit denoisers for a wall-clock budget.")
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--seconds", type=float, required=True, help="wall-clock training budget")
     args = parser.parse_args()
