@@ -12,7 +12,6 @@ from torch.distributions import Normal, kl_divergence
 from minildm import likelihood as L
 from minildm.diffusion import broadcast, gaussian_eps
 from minildm.mlp import MLPConfig, MLPDenoiser
-from minildm.ode import odeint
 from minildm.schedules import cosine_schedule, linear_schedule
 
 
@@ -178,30 +177,6 @@ def test_elbo_matches_its_closed_form_and_bounds_the_true_nll():
     assert expected - entropy > 0.5  # a loose bound for T = 200 with fixed variances
     true_nll = -stats.multivariate_normal(MU.numpy(), np.diag(VAR.numpy())).logpdf(x0.numpy())
     assert float(terms.total.mean()) > true_nll.mean() + 4 * se
-
-
-# ----------------------------------------------------------------------------------------
-# ODE solvers
-
-
-@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("rk4", 4)])
-def test_fixed_step_solver_orders(method, order):
-    y0 = torch.ones(2, 1, dtype=torch.float64)
-
-    def f(s, y):
-        return math.cos(s) * y
-
-    errors = [abs(float(odeint(f, y0, 0.0, 2.0, method=method, steps=n)[0][0, 0]) - math.exp(math.sin(2.0)))
-              for n in (20, 40)]
-    assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.3)
-
-
-@pytest.mark.parametrize("s0,s1", [(0.0, 10.0), (10.0, 0.0)])
-def test_rk45_meets_its_tolerance(s0, s1):
-    y0 = torch.ones(3, 1, dtype=torch.float64)
-    y, nfe = odeint(lambda s, y: math.cos(s) * y, y0, s0, s1, method="rk45", rtol=1e-8, atol=1e-8)
-    assert float(y[0, 0]) == pytest.approx(math.exp(math.sin(s1) - math.sin(s0)), rel=1e-6)
-    assert nfe < 2000
 
 
 # ----------------------------------------------------------------------------------------
