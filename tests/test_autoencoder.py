@@ -9,15 +9,7 @@ from minildm.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGauss
                                  VQAutoencoderConfig, load_autoencoder, measure_scale_factor,
                                  save_autoencoder)
 from minildm.quantize import QuantizerConfig
-
-
-def perturb_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised layers stop being zero."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
+from helpers import perturb_
 
 
 def gaussian(B=3, C=2, H=4, W=5, seed=0, dtype=torch.float64) -> DiagonalGaussian:
@@ -86,7 +78,7 @@ def test_shapes_for_every_downsampling_factor(f, in_ch):
     cfg = AutoencoderConfig(in_ch=in_ch, ch=8, ch_mult=CH_MULT[f], z_ch=3, groups=4, attn_mid=f >= 4)
     assert cfg.downsampling_factor == f
     torch.manual_seed(0)
-    model = perturb_(AutoencoderKL(cfg)).eval()
+    model = perturb_(AutoencoderKL(cfg), std=0.05).eval()
     x = torch.randn(2, in_ch, size, size)
     posterior = model.encode(x)
     assert posterior.mean.shape == (2, 3, size // f, size // f) == (2, *cfg.latent_shape(size))
@@ -120,7 +112,7 @@ def test_bf16_autocast_forward():
 
 def test_scale_factor_gives_unit_std_on_the_data_it_was_measured_on():
     torch.manual_seed(0)
-    model = perturb_(AutoencoderKL(AutoencoderConfig(in_ch=1, ch=8, ch_mult=(1, 2), groups=4)), 0.3)
+    model = perturb_(AutoencoderKL(AutoencoderConfig(in_ch=1, ch=8, ch_mult=(1, 2), groups=4)), std=0.3)
     x = torch.randn(40, 1, 16, 16)
     scale = measure_scale_factor(model, x, batch_size=16, generator=torch.Generator().manual_seed(0))
     assert model.scale_factor.item() == pytest.approx(scale)
@@ -135,7 +127,7 @@ def test_scale_factor_gives_unit_std_on_the_data_it_was_measured_on():
 
 def test_save_and_load_keep_weights_and_scale_factor(tmp_path):
     torch.manual_seed(0)
-    model = perturb_(AutoencoderKL(AutoencoderConfig(in_ch=1, ch=8, ch_mult=(1, 2), groups=4))).eval()
+    model = perturb_(AutoencoderKL(AutoencoderConfig(in_ch=1, ch=8, ch_mult=(1, 2), groups=4)), std=0.05).eval()
     model.scale_factor.fill_(0.25)
     save_autoencoder(model, tmp_path / "ae.pt", steps=7)
     loaded, meta = load_autoencoder(tmp_path / "ae.pt")

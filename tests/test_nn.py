@@ -8,15 +8,7 @@ import torch.nn.functional as F
 
 from minildm.nn import (CrossAttention2d, Downsample, ResBlock, SelfAttention2d, Upsample, attention,
                         count_params, normalization, timestep_embedding, zero_module)
-
-
-def perturb_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised layers stop being zero."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
+from helpers import perturb_
 
 
 def naive_attention(q, k, v, mask=None):
@@ -70,7 +62,7 @@ def test_resblock_is_identity_at_init_and_shapes():
 
 
 def test_resblock_matches_hand_computation():
-    block = perturb_(ResBlock(8, 12, emb_dim=5, groups=4)).eval()
+    block = perturb_(ResBlock(8, 12, emb_dim=5, groups=4), std=0.1).eval()
     x, emb = torch.randn(3, 8, 6, 6), torch.randn(3, 5)
     h = F.conv2d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias)),
                  block.conv1.weight, block.conv1.bias, padding=1)
@@ -91,7 +83,7 @@ def test_resblock_needs_embedding_when_built_with_one():
 
 @pytest.mark.parametrize("heads", [1, 4])
 def test_self_attention_matches_naive(heads):
-    block = perturb_(SelfAttention2d(16, heads=heads, groups=4))
+    block = perturb_(SelfAttention2d(16, heads=heads, groups=4), std=0.1)
     x = torch.randn(2, 16, 5, 7)
     B, C, H, W = x.shape
     h = F.group_norm(x, 4, block.norm.weight, block.norm.bias).reshape(B, C, H * W).transpose(1, 2)
@@ -106,7 +98,7 @@ def test_self_attention_matches_naive(heads):
 
 @pytest.mark.parametrize("heads", [1, 2])
 def test_cross_attention_matches_naive_with_mask(heads):
-    block = perturb_(CrossAttention2d(8, context_dim=6, heads=heads, groups=2))
+    block = perturb_(CrossAttention2d(8, context_dim=6, heads=heads, groups=2), std=0.1)
     x, c = torch.randn(2, 8, 3, 4), torch.randn(2, 5, 6)
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     B, C, H, W = x.shape
@@ -121,7 +113,7 @@ def test_cross_attention_matches_naive_with_mask(heads):
 
 
 def test_cross_attention_ignores_masked_tokens():
-    block = perturb_(CrossAttention2d(8, context_dim=6, heads=2, groups=2))
+    block = perturb_(CrossAttention2d(8, context_dim=6, heads=2, groups=2), std=0.1)
     x, c = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 6)
     mask = torch.tensor([[True, True, True, False, False], [True, False, True, False, True]])
     c2 = c.clone()
@@ -131,7 +123,7 @@ def test_cross_attention_ignores_masked_tokens():
 
 
 def test_cross_attention_all_masked_is_identity():
-    block = perturb_(CrossAttention2d(8, context_dim=6, heads=2, groups=2))
+    block = perturb_(CrossAttention2d(8, context_dim=6, heads=2, groups=2), std=0.1)
     x, c = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 6)
     mask = torch.tensor([[False, False, False], [True, True, False]])
     out = block(x, c, mask)
@@ -150,7 +142,7 @@ def test_attention_runs_in_float32_under_autocast():
 
 
 def test_groupnorm_in_float32_keeps_dtype():
-    gn = perturb_(normalization(8, 4))
+    gn = perturb_(normalization(8, 4), std=0.1)
     x = torch.randn(2, 8, 5, 5)
     ref = F.group_norm(x, 4, gn.weight, gn.bias, 1e-5)
     torch.testing.assert_close(gn(x), ref)

@@ -5,15 +5,7 @@ import torch
 
 from minildm.nn import count_params
 from minildm.unet import UNet, UNetConfig, unet_summary
-
-
-def perturb_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised layers stop being zero."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
+from helpers import perturb_
 
 
 # (config, input shape): every place the course uses a UNet, at small widths
