@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
     """The network of a checkpoint (EMA weights if it has them and use_ema), in eval mode."""
     from minildm import checkpoint as ckpt
-    from minildm.runner import build_model
+    from minildm.stages import build_model
     c = ckpt.read_checkpoint(path)
     try:
         config = from_dict(c.config)
@@ -70,7 +70,7 @@ def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, Train
 
 
 def _sample(net: torch.nn.Module, config: TrainConfig, n: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
-    from minildm.runner import make_schedule
+    from minildm.stages import make_schedule
     from minildm.sampling import sample_ddim, sample_ddpm, sample_heun
     if config.stage != "diffusion":
         raise ConfigError(f"this checkpoint is a first-stage autoencoder (stage={config.stage}); "
@@ -90,7 +90,7 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, n: int, steps: int, see
     """FID and KID against the digits' test split (diffusion on digits), or PSNR and SSIM of
     the reconstructions of the held-out images (autoencoder)."""
     from minildm.metrics import fid, kid, psnr, ssim
-    from minildm.runner import validation_images
+    from minildm.rundata import validation_images
     if config.stage == "diffusion":
         if config.data.source != "digits":
             raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
         net, config = _load_model(args.checkpoint, use_ema=not args.no_ema)
         if args.command == "sample":
-            from minildm.runner import save_png
+            from minildm.monitor import save_png
             with torch.no_grad():
                 x = _sample(net, config, args.n, args.sampler, args.steps, args.seed)
             save_png(x, Path(args.out))

@@ -55,7 +55,7 @@ class Checkpoint:
     config: dict  # the run's TrainConfig as JSON (`minildm.config.to_dict`)
     model: dict[str, Tensor]  # the network's state_dict
     ema: dict[str, Tensor] | None  # the EMA's shadow parameters and buffers, or None
-    state: dict  # optimizer, RNG states, data position, EMA counters (see minildm.runner)
+    state: dict  # optimizer, RNG states, data position, EMA counters (see minildm.resume)
 
 
 # ----------------------------------------------------------------------------------------

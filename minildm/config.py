@@ -7,7 +7,7 @@ valid key, a value of the wrong type names the type expected, and the section's 
 (`__post_init__`, e.g. UNetConfig's width / group rule) run again on the new value. Every
 problem is one `ConfigError` with one line of message.
 
-A stage is a config section plus a function in `minildm.runner`: `stage="diffusion"` trains
+A stage is a config section plus a function in `minildm.stages`: `stage="diffusion"` trains
 the pixel-space UNet of `unet` with the process of `diffusion`; `stage="autoencoder"` trains
 the first stage of `autoencoder` (KL, or VQ when `quantizer` is set) with the terms of `loss`.
 """

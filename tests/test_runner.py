@@ -24,7 +24,8 @@ from PIL import Image
 from minildm import checkpoint as ckpt
 from minildm.__main__ import main
 from minildm.config import load_config
-from minildm.runner import ResumableBatches, lr_at, run
+from minildm.rundata import ResumableBatches
+from minildm.runner import lr_at, run
 
 MICRO = '''
 from minildm.autoencoder import AutoencoderConfig
