@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from minildm.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGaussian, Encoder,
+from minildm.autoencoder import (AutoencoderConfig, AutoencoderKL, FlatAutoencoderKL,
                                  load_autoencoder, save_autoencoder)
 from minildm.data import batches, load_digits, photo_crops
 from minildm.firststage import FirstStageLoss, train_first_stage
@@ -36,28 +35,6 @@ from minildm.metrics import psnr, ssim
 
 OUT = Path(__file__).resolve().parent / "checkpoints"
 LEVELS = {1: 1, 2: 2, 4: 3, 8: 4}  # f -> len(ch_mult)
-
-
-class FlatAutoencoderKL(AutoencoderKL):
-    """AutoencoderKL with a 1-D bottleneck: the encoder's (z_ch, h, w) output is flattened and
-    a dense layer gives the mean and log-variance of n = z_ch h w latent values with no
-    spatial layout (a (B, n, 1, 1) latent); a dense layer maps z back to (z_ch, h, w).
-    (The same class is written out in lesson 04.)"""
-
-    def __init__(self, config: AutoencoderConfig, image_size: int):
-        super().__init__(config)
-        self.latent = config.latent_shape(image_size)  # (z_ch, h, w)
-        n = self.latent[0] * self.latent[1] * self.latent[2]
-        self.encoder = Encoder(config, out_ch=config.z_ch)  # features, not yet a Gaussian
-        self.to_z = nn.Linear(n, 2 * n)  # mixes every position into every latent value
-        self.from_z = nn.Linear(n, n)
-
-    def encode(self, x):
-        h = self.encoder(x).flatten(1)  # (B, n)
-        return DiagonalGaussian(self.to_z(h)[:, :, None, None])  # (B, 2n, 1, 1)
-
-    def decode(self, z):
-        return self.decoder(self.from_z(z.flatten(1)).view(-1, *self.latent))
 
 
 def config_for(in_ch: int, f: int) -> AutoencoderConfig:

@@ -277,6 +277,32 @@ class AutoencoderKL(_LatentScaling):
         return self.decode(z)
 
 
+class FlatAutoencoderKL(AutoencoderKL):
+    """AutoencoderKL with a 1-D bottleneck, the contrast of lesson 04 (LDM Sec. 3: "a
+    two-dimensional structure" of z vs the arbitrary 1-D ordering of earlier work).
+
+    The encoder's (z_ch, h, w) features are flattened, and one dense layer gives the mean
+    and log-variance of n = z_ch h w latent values with no spatial layout, a (B, n, 1, 1)
+    latent; a dense layer maps z back to (z_ch, h, w) for the decoder. Same number of
+    latent values as AutoencoderKL, so the two compare at one compression rate.
+    """
+
+    def __init__(self, config: AutoencoderConfig, image_size: int):
+        super().__init__(config)
+        self.latent = config.latent_shape(image_size)  # (z_ch, h, w)
+        n = self.latent[0] * self.latent[1] * self.latent[2]
+        self.encoder = Encoder(config, out_ch=config.z_ch)  # features, not yet a Gaussian
+        self.to_z = nn.Linear(n, 2 * n)  # mixes every position into every latent value
+        self.from_z = nn.Linear(n, n)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        h = self.encoder(x).flatten(1)  # (B, n)
+        return DiagonalGaussian(self.to_z(h)[:, :, None, None])  # (B, 2n, 1, 1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(self.from_z(z.flatten(1)).view(-1, *self.latent))  # (B, in_ch, H, W)
+
+
 class VQAutoencoder(_LatentScaling):
     """The VQ-regularised autoencoder of LDM (Sec. 3.1), VQGAN's layout: the encoder's
     latent z_e (B, z_ch, H/f, W/f) is replaced position by position by its nearest code

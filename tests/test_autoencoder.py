@@ -5,9 +5,13 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from minildm.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGaussian, VQAutoencoder,
-                                 VQAutoencoderConfig, load_autoencoder, measure_scale_factor,
-                                 save_autoencoder)
+from pathlib import Path
+
+from minildm.autoencoder import (AutoencoderConfig, AutoencoderKL, DiagonalGaussian,
+                                 FlatAutoencoderKL, VQAutoencoder, VQAutoencoderConfig,
+                                 load_autoencoder, measure_scale_factor, save_autoencoder)
+from minildm.data import photo_crops
+from minildm.metrics import psnr
 from minildm.quantize import QuantizerConfig
 from helpers import perturb_
 
@@ -210,3 +214,24 @@ def test_latent_shape():
     assert cfg.latent_shape(64, 128) == (4, 8, 16)
     with pytest.raises(ValueError, match="not divisible"):
         cfg.latent_shape(28)
+
+
+def test_flat_autoencoder_has_a_1d_latent_of_the_same_size():
+    cfg = AutoencoderConfig(in_ch=3, ch=8, ch_mult=(1, 2, 2), z_ch=4, groups=4)
+    model = FlatAutoencoderKL(cfg, image_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    posterior = model.encode(x)
+    assert posterior.mean.shape == (2, 4 * 4 * 4, 1, 1)  # n = z_ch h w values, no spatial layout
+    x_rec, _ = model(x)
+    assert x_rec.shape == x.shape
+
+
+def test_flat_autoencoder_reproduces_the_shipped_lesson_04_checkpoint():
+    """The package class loads lesson 04's file strictly and gives the PSNR the build script stored."""
+    ckpt = torch.load(Path(__file__).parents[1] / "data/checkpoints/ae_photos_f4_flat.pt", weights_only=True)
+    model = FlatAutoencoderKL(AutoencoderConfig(**ckpt["config"]), ckpt["image_size"])
+    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    x = photo_crops(512, size=32, seed=1)
+    with torch.no_grad():
+        x_rec = model.eval()(x, sample=False)[0].clamp(-1, 1)
+    assert abs(psnr(x_rec, x).mean().item() - ckpt["meta"]["psnr"]) < 1e-3
