@@ -1,6 +1,8 @@
 """The first-stage training loop: it lowers the loss on a tiny problem, logs every term,
 weighs the terms as documented, and takes extra terms without a second loop."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,84 @@ def test_max_seconds_stops_early():
 def test_loss_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FirstStageLoss(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# lesson 06: perceptual and patch-adversarial terms in the same loop
+
+from minildm.losses import PatchDiscriminator, PatchDiscriminatorConfig, generator_loss  # noqa: E402
+from minildm.perceptual import PerceptualDistance, PerceptualNet  # noqa: E402
+
+
+def tiny_disc(in_ch=1):
+    torch.manual_seed(1)
+    return PatchDiscriminator(PatchDiscriminatorConfig(in_ch=in_ch, ndf=4, n_layers=1))
+
+
+def rgb_blobs(n=16):
+    return blobs(n * 3).view(n, 3, 8, 8)
+
+
+def test_disc_start_turns_the_gan_term_on_at_the_right_step():
+    config = FirstStageLoss(disc_weight=0.5, disc_start=3, discriminator=PatchDiscriminatorConfig(in_ch=1, ndf=4, n_layers=1))
+    D = tiny_disc()
+    before = [p.detach().clone() for p in D.parameters()]
+    snapshots = []
+    log = train_first_stage(kl_model(), batches(blobs(32), batch_size=8), steps=5, config=config, discriminator=D,
+                            generator=torch.Generator().manual_seed(0),
+                            after_step=lambda s, x, r: snapshots.append([p.detach().clone() for p in D.parameters()]))
+    for k in ("g_adv", "lambda", "d_loss", "logits_real", "logits_fake"):
+        assert log.terms[k][:3] == [0.0, 0.0, 0.0] and all(v != 0.0 for v in log.terms[k][3:]), k
+    unchanged = [all(torch.equal(a, b) for a, b in zip(before, snap)) for snap in snapshots]
+    assert unchanged == [True, True, True, False, False]  # D trains from step 3 on
+    recomputed = [r + 1e-6 * k + 0.5 * lam * g for r, k, lam, g in
+                  zip(log.terms["rec"], log.terms["kl"], log.terms["lambda"], log.terms["g_adv"])]
+    assert log.terms["loss"] == pytest.approx(recomputed, rel=1e-5)
+
+
+def test_logged_lambda_is_the_gradient_ratio_at_the_decoders_last_layer():
+    """Step 0 with disc_start=0: recompute lambda by hand from the same initial weights and sample."""
+    config = FirstStageLoss(disc_weight=1.0, discriminator=PatchDiscriminatorConfig(in_ch=1, ndf=4, n_layers=1))
+    x = blobs(8)
+    model, D = kl_model(), tiny_disc()
+    terms, x_rec, _ = first_stage_terms(model, x, config, torch.Generator().manual_seed(0))
+    W = model.decoder.conv_out.weight
+    g_rec, = torch.autograd.grad(terms["rec"], W, retain_graph=True)
+    g_gan, = torch.autograd.grad(generator_loss(D(x_rec)), W)
+    hand = (g_rec.norm() / (g_gan.norm() + 1e-4)).item()
+    log = train_first_stage(kl_model(), iter([(x,)]), steps=1, config=config, discriminator=tiny_disc(),
+                            generator=torch.Generator().manual_seed(0))
+    assert log.terms["lambda"][0] == pytest.approx(hand, rel=1e-4)
+
+
+def test_perceptual_term_and_learned_logvar():
+    torch.manual_seed(0)
+    perceptual = PerceptualDistance(PerceptualNet())
+    config = FirstStageLoss(perceptual_weight=0.5, learn_logvar=True, logvar_init=0.2)
+    model = AutoencoderKL(AutoencoderConfig(in_ch=3, ch=8, ch_mult=(1, 2), z_ch=2, groups=4, attn_mid=False))
+    log = train_first_stage(model, batches(rgb_blobs(), batch_size=8), steps=3, config=config, perceptual=perceptual,
+                            lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert set(log.terms) == {"rec", "kl", "perceptual", "logvar", "loss"}
+    s = 0.2  # the loss of step 0 is computed before the first update of s
+    r, p, k = log.terms["rec"][0], log.terms["perceptual"][0], log.terms["kl"][0]
+    assert log.terms["loss"][0] == pytest.approx((r + 0.5 * p) / math.exp(s) + s + 1e-6 * k, rel=1e-5)
+    assert log.terms["logvar"][0] != 0.2  # s is learned
+
+
+def test_full_objective_trains_a_vq_autoencoder_too():
+    torch.manual_seed(0)
+    model = VQAutoencoder(VQAutoencoderConfig(in_ch=3, ch=8, ch_mult=(1, 2), z_ch=2, groups=4, attn_mid=False,
+                                              quantizer=QuantizerConfig(num_codes=8, dim=2)))
+    config = FirstStageLoss(perceptual_weight=1.0, disc_weight=0.5, disc_start=1, gan_loss="non_saturating",
+                            discriminator=PatchDiscriminatorConfig(in_ch=3, ndf=4, n_layers=1))
+    log = train_first_stage(model, batches(rgb_blobs(), batch_size=8), steps=3, config=config, bf16=True,
+                            perceptual=PerceptualDistance(PerceptualNet()), discriminator=tiny_disc(3))
+    assert {"rec", "vq", "perceptual", "g_adv", "lambda", "d_loss", "perplexity"} <= set(log.terms)
+    assert log.terms["lambda"][0] == 0.0 and log.terms["lambda"][2] > 0
+
+
+def test_missing_networks_are_named():
+    with pytest.raises(ValueError, match="needs a discriminator"):
+        train_first_stage(kl_model(), batches(blobs(8), batch_size=8), 1, FirstStageLoss(disc_weight=0.1))
+    with pytest.raises(ValueError, match="needs a perceptual distance"):
+        train_first_stage(kl_model(), batches(blobs(8), batch_size=8), 1, FirstStageLoss(perceptual_weight=0.1))
