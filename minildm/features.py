@@ -12,6 +12,8 @@ digits, like the fast.ai course's Fashion-MNIST FID. The recipe is fixed and see
 - `train_digit_classifier`: the seeded training run (random small affine jitter as augmentation).
 - `load_digit_classifier`: the shipped weights, or (if missing) trained once and cached.
 - `digit_features`: the (B, feature_dim) penultimate features that `minildm.metrics` compares.
+- `ShapesClassifier`, `predict_attributes`, `prompt_accuracy`: lesson 07's judge of whether a
+  text-to-image sample shows the shape, colour, size and position its caption asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minildm.data import DATA_DIR, batches, load_digits
+from minildm.data import (COLORS, DATA_DIR, POSITIONS, SHAPES, SIZES, ShapeLabels, batches, load_digits,
+                          make_shapes)
 
 WEIGHTS_FILE = "digit_classifier.pt"  # in data/ (shipped) or in the cache folder (fallback)
 
@@ -226,6 +229,100 @@ def digit_features(x: Tensor) -> Tensor:
     saving an image would. Gradients flow to x; wrap in torch.no_grad() for evaluation."""
     net = _shared_classifier(x.device)
     return net.features(x.float().clamp(-1, 1))
+
+
+# -----------------------------------------------------------------------------
+# the shapes' attribute classifier: prompt accuracy of text-to-image samples (lesson 07)
+
+SHAPES_WEIGHTS_FILE = "shapes_classifier.pt"  # in data/, made by data/build_latent_shapes.py
+SHAPE_ATTRIBUTES = ("shape", "color", "size", "position")  # fields of minildm.data.ShapeLabels
+
+
+class ShapesClassifier(nn.Module):
+    """Reads the four attributes a shapes caption names from an image (B, 3, 32, 32) in [-1, 1]:
+    the DigitClassifier's three conv blocks (3 input channels), a 128-wide hidden layer and one
+    linear head per attribute. Position needs no special layer: the flattened 4x4 map keeps
+    where things are."""
+
+    def __init__(self, channels: tuple[int, int, int] = (32, 64, 64), hidden: int = 128):
+        super().__init__()
+        blocks, in_ch = [], 3
+        for out_ch in channels:
+            blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            in_ch = out_ch
+        self.trunk = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(in_ch * 4 * 4, hidden), nn.ReLU())
+        self.heads = nn.ModuleDict({
+            "shape": nn.Linear(hidden, len(SHAPES)), "color": nn.Linear(hidden, len(COLORS)),
+            "size": nn.Linear(hidden, len(SIZES)), "position": nn.Linear(hidden, len(POSITIONS))})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits per attribute: {"shape": (B, 5), "color": (B, 6), "size": (B, 3), "position": (B, 9)}."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            raise ValueError(f"expected shapes images of shape (B, 3, 32, 32), got {tuple(x.shape)}")
+        h = self.trunk(x)  # (B, hidden)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def train_shapes_classifier(seed: int = 0, steps: int = 2000, batch_size: int = 64, n_train: int = 20000,
+                            lr: float = 3e-3, verbose: bool = False) -> ShapesClassifier:
+    """Train a ShapesClassifier on make_shapes(n_train, seed=seed + 100) (a set the diffusion
+    models never see): summed cross-entropy of the four heads, AdamW with a one-cycle learning
+    rate, one CPU thread, seeded. Returns the net in eval mode."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        data = make_shapes(n_train, seed=seed + 100)
+        y = torch.stack([getattr(data.labels, a) for a in SHAPE_ATTRIBUTES], 1)  # (N, 4)
+        net = ShapesClassifier()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        net.train()
+        for step, (xb, yb) in enumerate(batches(data.images, y, batch_size=batch_size, seed=seed)):
+            if step == steps:
+                break
+            logits = net(xb)
+            loss = sum(F.cross_entropy(logits[a], yb[:, i]) for i, a in enumerate(SHAPE_ATTRIBUTES))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if verbose and (step + 1) % 250 == 0:
+                print(f"step {step + 1}/{steps}  loss {loss.item():.4f}", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return net.eval()
+
+
+def load_shapes_classifier(device: str | torch.device = "cpu") -> ShapesClassifier:
+    """The shipped ShapesClassifier (data/shapes_classifier.pt) in eval mode, frozen."""
+    path = DATA_DIR / SHAPES_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `python data/build_latent_shapes.py --stage classifier`")
+    net = ShapesClassifier()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.requires_grad_(False)
+    return net.eval().to(device)
+
+
+@torch.no_grad()
+def predict_attributes(net: ShapesClassifier, x: Tensor, batch_size: int = 500) -> dict[str, Tensor]:
+    """The classifier's argmax per attribute for images x (N, 3, 32, 32): {name: (N,) int64}."""
+    was_training = net.training
+    net.eval()
+    outs = [net(xb.float().clamp(-1, 1)) for xb in x.split(batch_size)]
+    net.train(was_training)
+    return {a: torch.cat([o[a].argmax(1) for o in outs]).cpu() for a in SHAPE_ATTRIBUTES}
+
+
+def prompt_accuracy(predicted: dict[str, Tensor], target: ShapeLabels) -> dict[str, float]:
+    """Fraction of images whose predicted attribute equals the prompt's, per attribute, and
+    "all": the fraction with all four (shape, colour, size, position) right."""
+    hits = {a: predicted[a] == getattr(target, a).cpu() for a in SHAPE_ATTRIBUTES}  # (N,) bool each
+    out = {a: h.float().mean().item() for a, h in hits.items()}
+    out["all"] = torch.stack(list(hits.values())).all(0).float().mean().item()
+    return out
 
 
 if __name__ == "__main__":

@@ -89,3 +89,42 @@ def test_missing_weights_are_trained_once_and_cached(tmp_path, monkeypatch):
     b = load_digit_classifier()
     assert calls == [1]
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
+# the shapes' attribute classifier (lesson 07's prompt accuracy)
+
+from minildm.data import ShapeLabels, make_shapes  # noqa: E402
+from minildm.features import (SHAPE_ATTRIBUTES, ShapesClassifier, predict_attributes,  # noqa: E402
+                              prompt_accuracy)
+
+
+def test_shapes_classifier_heads_and_input_check():
+    net = ShapesClassifier().eval()
+    out = net(make_shapes(4, seed=0).images)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"shape": (4, 5), "color": (4, 6), "size": (4, 3),
+                                                           "position": (4, 9)}
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        net(torch.zeros(2, 1, 32, 32))
+
+
+def test_prompt_accuracy_by_hand():
+    target = ShapeLabels(shape=torch.tensor([0, 1, 2, 3]), color=torch.tensor([0, 0, 1, 1]),
+                         size=torch.tensor([2, 2, 2, 2]), position=torch.tensor([8, 7, 6, 5]),
+                         background=torch.zeros(4, dtype=torch.long))
+    pred = {"shape": torch.tensor([0, 1, 2, 0]),  # 3/4
+            "color": torch.tensor([0, 0, 0, 1]),  # 3/4, wrong on image 2
+            "size": torch.tensor([2, 2, 2, 2]),  # 4/4
+            "position": torch.tensor([8, 7, 6, 5])}  # 4/4
+    acc = prompt_accuracy(pred, target)
+    assert acc == {"shape": 0.75, "color": 0.75, "size": 1.0, "position": 1.0, "all": 0.5}  # images 0, 1
+
+
+def test_shipped_shapes_classifier_reads_real_shapes():
+    path = DATA_DIR / "shapes_classifier.pt"
+    if not path.is_file():
+        pytest.skip("data/shapes_classifier.pt not built")
+    from minildm.features import load_shapes_classifier
+    test = make_shapes(500, seed=1000)
+    acc = prompt_accuracy(predict_attributes(load_shapes_classifier(), test.images), test.labels)
+    assert all(acc[a] >= 0.97 for a in SHAPE_ATTRIBUTES) and acc["all"] >= 0.95, acc

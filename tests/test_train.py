@@ -1,5 +1,6 @@
 """train_denoiser: it learns, it is reproducible, and it honours its options."""
 
+import pytest
 import torch
 
 from minildm.data import batches
@@ -51,3 +52,66 @@ def test_max_seconds_stops_early():
     net = MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1))
     log = train_denoiser(net, batches(torch.randn(64, 2), batch_size=32), cosine_schedule(20), 10**6, max_seconds=0.2)
     assert 0 < len(log.losses) < 10**6 and log.seconds < 5
+
+
+class _Recorder(torch.nn.Module):
+    """A denoiser that remembers the conditions it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, xt, t, cond):
+        self.seen.append(cond.clone())
+        return xt * self.w
+
+
+def test_condition_dropout_rate_in_training():
+    rec = _Recorder()
+    x0, labels = torch.randn(512, 2), torch.randint(0, 10, (512,))
+    train_denoiser(rec, batches(x0, labels, batch_size=256), cosine_schedule(20), 40, cond_dropout=0.25,
+                   null_cond=torch.tensor(10), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat(rec.seen)  # (40 * 256,)
+    rate = (seen == 10).float().mean().item()
+    assert abs(rate - 0.25) < 4 * (0.25 * 0.75 / len(seen)) ** 0.5
+    rec = _Recorder()
+    train_denoiser(rec, batches(x0, labels, batch_size=256), cosine_schedule(20), 5)
+    assert not (torch.cat(rec.seen) == 10).any()  # no dropout by default
+
+
+def test_condition_dropout_needs_a_null_condition():
+    with pytest.raises(ValueError, match="needs null_cond"):
+        train_denoiser(_Recorder(), batches(torch.randn(8, 2), torch.zeros(8), batch_size=4),
+                       cosine_schedule(20), 1, cond_dropout=0.1)
+
+
+def test_on_step_sees_every_step_with_growing_times():
+    calls = []
+    torch.manual_seed(0)
+    net = MLPDenoiser(MLPConfig(dim=2, hidden=16, depth=1))
+    log = train_denoiser(net, batches(torch.randn(64, 2), batch_size=32), cosine_schedule(20), 7,
+                         on_step=lambda step, seconds: calls.append((step, seconds)))
+    assert [s for s, _ in calls] == list(range(7))
+    times = [sec for _, sec in calls]
+    assert times == sorted(times) and times[-1] <= log.seconds
+
+
+def test_text_encoder_trains_jointly_with_the_unet():
+    from minildm.data import make_shapes
+    from minildm.text import TextConditionedUNet, TextEncoder, TextEncoderConfig, Tokenizer
+    from minildm.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    model = TextConditionedUNet(
+        UNet(UNetConfig(in_ch=3, out_ch=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                        heads=2, groups=4, context_dim=16, image_size=8)),
+        TextEncoder(TextEncoderConfig(dim=16, depth=1, heads=2)))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    data = make_shapes(32, seed=0, size=8)
+    ids, _ = tok(data.captions)
+    train_denoiser(model, batches(data.images, ids, batch_size=16), cosine_schedule(20), 3,
+                   cond_dropout=0.1, null_cond=tok.null_ids(), generator=torch.Generator().manual_seed(0))
+    assert all(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items()
+               if k.endswith("weight"))
