@@ -3,7 +3,9 @@
     python -m minildm train configs/tiny_digits_ddpm.py [--key=value ...] [--resume]
     torchrun --nproc_per_node=8 -m minildm train configs/my_run.py --resume
     python -m minildm sample runs/tiny_digits_ddpm --n 64 --out grid.png [--sampler ddim --steps 50]
+    python -m minildm sample runs/tiny_shapes_text --prompt "a big red star in the middle" --guidance 3
     python -m minildm evaluate runs/tiny_digits_ddpm
+    python -m minildm plot runs/tiny_digits_ddpm --out curves.png
 
 A user mistake (a config typo, a missing image folder, a corrupt image or checkpoint, an
 incompatible resume, a non-finite loss) prints one line to stderr and exits with code 2.
@@ -43,52 +45,80 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50, help="sampler steps for ddim / heun (default 50)")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the config's guidance; 1 = none)")
+    s.add_argument("--label", type=int, default=None, help="class-conditional: draw this class (default 0..K-1 in turn)")
+    s.add_argument("--prompt", default=None, help='text-conditional: a caption, e.g. "a big red star in the middle"')
     e = sub.add_parser("evaluate", help="FID/KID of a digit diffusion model, or PSNR/SSIM of an autoencoder")
     e.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
     e.add_argument("--n", type=int, default=500, help="samples for FID/KID (default 500, the digit test set)")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
     e.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    e.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the config's)")
     return p
 
 
-def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
-    """The network of a checkpoint (EMA weights if it has them and use_ema), in eval mode."""
+def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, object]:
+    """The network of a checkpoint (EMA weights if it has them and use_ema), in eval mode, its
+    config, and the frozen first stage stored with a latent run (else None)."""
     from minildm import checkpoint as ckpt
-    from minildm.stages import build_model
+    from minildm.stages import build_model, first_stage_from_bytes
     c = ckpt.read_checkpoint(path)
     try:
         config = from_dict(c.config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{c.path / 'config.json'} is not a config this minildm can read: {err}") from None
-    net = build_model(config)
+    first_stage = None
+    if "first_stage.pt" in c.extra:
+        first_stage = first_stage_from_bytes(c.extra["first_stage.pt"], c.path / "first_stage.pt")
+    shape = first_stage.config.latent_shape(config.data.image_size) if first_stage is not None else None
+    net = build_model(config, shape)
     ckpt.load_weights(net, c.model, c.path)
     if use_ema and c.ema is not None:
         for name, p in net.named_parameters():
             p.data.copy_(c.ema[f"params.{name}"])
-    return net.eval(), config
+    return net.eval(), config, first_stage
 
 
-def _sample(net: torch.nn.Module, config: TrainConfig, n: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
-    from minildm.stages import make_schedule
-    from minildm.sampling import sample_ddim, sample_ddpm, sample_heun
+def _conditions(config: TrainConfig, n: int, label: int | None, prompt: str | None) -> torch.Tensor | None:
+    """n conditions for a conditional model: one class (--label) or 0, 1, ..., K-1 in turn;
+    one caption (--prompt) or the held-out captions in turn. None for an unconditional model."""
+    if config.stage != "diffusion":
+        return None
+    if config.unet.num_classes is not None:
+        K = config.unet.num_classes
+        if label is not None and not 0 <= label < K:
+            raise ConfigError(f"--label={label}: this model knows the classes 0..{K - 1}")
+        return torch.full((n,), label) if label is not None else torch.arange(n) % K
+    if config.text is not None:
+        from minildm.monitor import sample_conditions
+        from minildm.rundata import validation_batch
+        from minildm.text import Tokenizer
+        if prompt is not None:
+            return Tokenizer(max_len=config.text.max_len)([prompt] * n)[0]
+        return sample_conditions(config, validation_batch(config, 1000)[1], n)
+    if label is not None or prompt is not None:
+        raise ConfigError("this model is unconditional: drop --label / --prompt")
+    return None
+
+
+def _sample(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, sampler: str, steps: int, seed: int,
+            guidance: float | None = None, label: int | None = None, prompt: str | None = None) -> torch.Tensor:
+    from minildm.stages import sample_images
     if config.stage != "diffusion":
         raise ConfigError(f"this checkpoint is a first-stage autoencoder (stage={config.stage}); "
                           "it has no sampler: use `python -m minildm evaluate`")
-    schedule = make_schedule(config)
-    c, size = config.unet.in_ch, config.unet.image_size
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, c, size, size), generator=g)
-    kw = {"prediction": config.diffusion.prediction, "clip_x0": 1.0, "progress": sys.stderr.isatty()}
-    if sampler == "ddpm":
-        return sample_ddpm(net, x, schedule, generator=g, **kw)
-    sample = sample_ddim if sampler == "ddim" else sample_heun
-    return sample(net, x, schedule, min(steps, schedule.T), generator=g, **kw)
+    cond = _conditions(config, n, label, prompt)
+    scale = config.guidance if guidance is None else guidance
+    return sample_images(net, config, n, cond, scale, sampler, steps, first_stage, torch.Generator().manual_seed(seed))
 
 
-def _evaluate(net: torch.nn.Module, config: TrainConfig, n: int, steps: int, seed: int) -> dict:
-    """FID and KID against the digits' test split (diffusion on digits), or PSNR and SSIM of
-    the reconstructions of the held-out images (autoencoder)."""
+def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, steps: int, seed: int,
+              guidance: float | None = None) -> dict:
+    """FID and KID against the digits' test split (diffusion on digits, pixel or latent;
+    class-conditional models draw the classes in turn), or PSNR and SSIM of the
+    reconstructions of the held-out images (autoencoder)."""
     from minildm.metrics import fid, kid, psnr, ssim
     from minildm.rundata import validation_images
     if config.stage == "diffusion":
@@ -96,12 +126,15 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, n: int, steps: int, see
             raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
         real = validation_images(config, 500)
         with torch.no_grad():
-            fake = torch.cat([_sample(net, config, min(250, n - i), "ddim", steps, seed + i)
+            fake = torch.cat([_sample(net, config, first_stage, min(250, n - i), "ddim", steps, seed + i, guidance)
                               for i in range(0, n, 250)]).clamp(-1, 1)
         if real.shape[-1] != 28:  # the classifier reads 28 x 28 digits; undo the 32 px padding
             real, fake = real[..., 2:-2, 2:-2], fake[..., 2:-2, 2:-2]
         kid_mean, kid_std = kid(real, fake, subset_size=min(len(real), len(fake)) // 2)  # subsets must vary
-        return {"fid": fid(real, fake), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps}
+        out = {"fid": fid(real, fake), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps}
+        if config.unet.num_classes is not None:
+            out["guidance"] = config.guidance if guidance is None else guidance
+        return out
     x = validation_images(config, 10_000)
     with torch.no_grad():
         from minildm.autoencoder import AutoencoderKL
@@ -127,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if rest:
             raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
-        net, config = _load_model(args.checkpoint, use_ema=not args.no_ema)
+        net, config, first_stage = _load_model(args.checkpoint, use_ema=not args.no_ema)
         if args.command == "sample":
             from minildm.monitor import save_png
             with torch.no_grad():
-                x = _sample(net, config, args.n, args.sampler, args.steps, args.seed)
+                x = _sample(net, config, first_stage, args.n, args.sampler, args.steps, args.seed,
+                            args.guidance, args.label, args.prompt)
             save_png(x, Path(args.out))
             print(f"wrote {args.out}")
             return 0
-        print(json.dumps(_evaluate(net, config, args.n, args.steps, args.seed)))
+        print(json.dumps(_evaluate(net, config, first_stage, args.n, args.steps, args.seed, args.guidance)))
         return 0
     except (*USER_ERRORS, RunError) as e:
         print(f"error: {e}", file=sys.stderr)

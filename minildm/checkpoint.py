@@ -7,6 +7,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step_000123/`` holding
     state.pt            optimizer state, step, RNG states, data position: tensors and plain
                         values only, read with torch.load(weights_only=True)
     config.json         the TrainConfig of the run
+    <extra files>       what a stage needs beside them, e.g. first_stage.pt (the frozen
+                        autoencoder of a latent run, weights_only format) or
+                        discriminator.safetensors (the first stage's patch discriminator)
     MANIFEST.json       size and sha256 of each file above; written last
 
 Atomicity. Everything is written into a hidden ``.tmp-step_000123-PID/`` beside it, each
@@ -30,7 +33,7 @@ import os
 import pickle
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,7 @@ import torch
 from torch import Tensor
 
 MANIFEST = "MANIFEST.json"
+STANDARD_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
 PREFIX = "step_"
 
 
@@ -56,6 +60,7 @@ class Checkpoint:
     model: dict[str, Tensor]  # the network's state_dict
     ema: dict[str, Tensor] | None  # the EMA's shadow parameters and buffers, or None
     state: dict  # optimizer, RNG states, data position, EMA counters (see minildm.resume)
+    extra: dict[str, bytes] = field(default_factory=dict)  # the extra files' verified bytes, by name
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,10 +98,12 @@ def step_dir_name(step: int) -> str:
 
 
 def write_checkpoint(root: str | Path, step: int, config: dict, model: dict[str, Tensor],
-         ema: dict[str, Tensor] | None, state: dict, keep_last: int = 3) -> Path:
+         ema: dict[str, Tensor] | None, state: dict, keep_last: int = 3,
+         extra: dict[str, bytes] | None = None) -> Path:
     """Write a complete checkpoint ``root/step_XXXXXXXXX`` atomically, then keep the last
-    `keep_last`. On any error (e.g. OSError ENOSPC) the partial folder is removed, the
-    existing checkpoints are untouched, and the error is raised again."""
+    `keep_last`. `extra`: more files {name: bytes}, covered by the manifest like the rest.
+    On any error (e.g. OSError ENOSPC) the partial folder is removed, the existing
+    checkpoints are untouched, and the error is raised again."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
@@ -110,6 +117,10 @@ def write_checkpoint(root: str | Path, step: int, config: dict, model: dict[str,
     buf = io.BytesIO()
     torch.save(state, buf)
     files["state.pt"] = buf.getvalue()
+    for name, data in (extra or {}).items():
+        if name in files or name == MANIFEST or "/" in name:
+            raise ValueError(f"extra checkpoint file name {name!r} is reserved or not a plain name")
+        files[name] = data
     manifest = {"step": step, "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                                         for name, data in files.items()}}
     try:
@@ -225,7 +236,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     model = load_tensors(path / "model.safetensors", data["model.safetensors"])
     ema = load_tensors(path / "ema.safetensors", data["ema.safetensors"]) if "ema.safetensors" in data else None
     state = load_state(path / "state.pt", data["state.pt"])
-    return Checkpoint(path=path, step=int(manifest["step"]), config=config, model=model, ema=ema, state=state)
+    extra = {k: v for k, v in data.items() if k not in STANDARD_FILES}
+    return Checkpoint(path=path, step=int(manifest["step"]), config=config, model=model, ema=ema, state=state,
+                      extra=extra)
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ valid key, a value of the wrong type names the type expected, and the section's 
 problem is one `ConfigError` with one line of message.
 
 A stage is a config section plus a function in `minildm.stages`: `stage="diffusion"` trains
-the pixel-space UNet of `unet` with the process of `diffusion`; `stage="autoencoder"` trains
-the first stage of `autoencoder` (KL, or VQ when `quantizer` is set) with the terms of `loss`.
+the UNet of `unet` with the process of `diffusion`, on pixels or, with `first_stage` set, on
+the latents of a frozen first stage, unconditional or conditioned on class labels
+(`unet.num_classes`) or captions (`text`); `stage="autoencoder"` trains the first stage of
+`autoencoder` (KL, or VQ when `quantizer` is set) with the terms of `loss`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from minildm.autoencoder import AutoencoderConfig
 from minildm.diffusion import Prediction
 from minildm.firststage import FirstStageLoss
 from minildm.quantize import QuantizerConfig
+from minildm.text import TextEncoderConfig
 from minildm.unet import UNetConfig
 from minildm.weighting import Weighting
 
@@ -38,8 +41,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder"] = "digits"  # the shipped MNIST digits (1 channel), or your images (3)
+    source: Literal["digits", "folder", "shapes"] = "digits"  # shipped MNIST digits (1 channel, labels),
+    # your images (3 channels), or make_shapes' procedural shapes (3 channels, captions)
     path: str | None = None  # the image folder when source="folder", searched recursively
+    shapes_count: int = 10_000  # source="shapes": images generated for training (seed 0; held-out: seed 1)
     image_size: int = 32  # side of the square images; digits: 28 or 32
     batch_size: int = 64  # the global batch of one optimizer step, over all GPUs and accumulation
     num_workers: int = 0  # DataLoader worker processes per GPU; 0 reads in the main process
@@ -63,6 +68,11 @@ class DiffusionConfig:
     T: int = 1000  # diffusion steps
     prediction: Prediction = "eps"  # what the UNet predicts: eps, x0 or v
     weighting: Weighting = "simple"  # the loss weighting over t (`minildm.weighting`)
+    cond_drop: float = 0.1  # conditional runs: P(condition -> null) per image, for classifier-free guidance
+
+    def __post_init__(self):
+        if not 0 <= self.cond_drop <= 1:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
 
 
 @dataclass
@@ -75,6 +85,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its learning-rate schedule
     unet: UNetConfig = field(default_factory=UNetConfig)  # stage="diffusion": the denoiser
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # stage="diffusion": the process
+    first_stage: str | None = None  # stage="diffusion": latent diffusion in this first stage's latents
+    # (an autoencoder run folder, one of its step_* checkpoints, or a save_autoencoder .pt file); None: pixels
+    first_stage_scale: float | None = None  # latent runs: the latents' scale factor; None: measure
+    # 1 / std(z) on the first 1,000 training images (LDM Sec. 4.3.2)
+    text: TextEncoderConfig | None = None  # stage="diffusion": captions (data.source=shapes) through
+    # this encoder, trained with the UNet (needs unet.context_dim = text.dim)
+    guidance: float = 1.0  # classifier-free guidance scale of the sample grids (1: none)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # stage="autoencoder"
     quantizer: QuantizerConfig | None = None  # stage="autoencoder": set for a VQ model, None for KL
     loss: FirstStageLoss = field(default_factory=FirstStageLoss)  # stage="autoencoder": term weights

@@ -20,9 +20,9 @@ from minildm.autoencoder import AutoencoderKL
 from minildm.config import TrainConfig
 from minildm.distributed import Rank
 from minildm.ema import EMA
-from minildm.rundata import validation_images
+from minildm.rundata import validation_batch
 from minildm.schedules import Schedule
-from minildm.stages import diffusion_terms
+from minildm.stages import FirstStage, diffusion_terms, encode, null_cond_like, sample_images
 
 
 def save_png(x: Tensor, path: Path, nrow: int = 8) -> None:
@@ -39,23 +39,28 @@ def save_png(x: Tensor, path: Path, nrow: int = 8) -> None:
 
 @torch.no_grad()
 def write_samples(config: TrainConfig, net: nn.Module, ema: EMA | None, schedule: Schedule | None,
-                  step: int, device: torch.device) -> dict:
+                  step: int, device: torch.device, first_stage: FirstStage | None = None) -> dict:
     """samples/step_*.png (EMA weights) and a line of metrics.jsonl: the validation loss of the
-    denoiser at fixed (t, eps), or the PSNR / SSIM of the autoencoder's reconstructions."""
+    denoiser at fixed (t, eps), or the PSNR / SSIM of the autoencoder's reconstructions.
+    Conditional models draw the grid for the held-out conditions (the digits 0-9 in turn,
+    or the held-out captions) at guidance scale config.guidance."""
     from minildm.metrics import psnr, ssim
-    from minildm.sampling import sample_ddim
     run_dir = Path(config.run_dir)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    x = validation_images(config, 256).to(device)
+    batch = [b.to(device) for b in validation_batch(config, 256)]
+    x, cond = batch[0], (batch[1] if len(batch) > 1 else None)
     n = config.n_samples
     with ema.swapped(net) if ema is not None else nullcontext():
         net.eval()
         g = torch.Generator(device).manual_seed(config.seed)
         if config.stage == "diffusion":
-            metrics = {"val_loss": diffusion_terms(net, x, schedule, config, g, Rank(0, 1, device))["loss"].item()}
-            noise = torch.randn((n, *x.shape[1:]), device=device, generator=g)
-            grid = sample_ddim(net, noise, schedule, min(config.sample_steps, schedule.T),
-                               prediction=config.diffusion.prediction, clip_x0=1.0)
+            x0 = x if first_stage is None else encode(first_stage, x, g)
+            null = None if cond is None else null_cond_like(net, cond)
+            terms = diffusion_terms(net, x0, cond, null, schedule, config, g, Rank(0, 1, device))
+            metrics = {"val_loss": terms["loss"].item()}
+            grid_cond = None if cond is None else sample_conditions(config, cond, n)
+            grid = sample_images(net, config, n, grid_cond, config.guidance, "ddim", config.sample_steps,
+                                 first_stage, torch.Generator().manual_seed(config.seed))
         else:
             x_rec = net(x, sample=False)[0] if isinstance(net, AutoencoderKL) else net(x)[0]
             metrics = {"psnr": psnr(x_rec.clamp(-1, 1), x).mean().item(),
@@ -68,3 +73,11 @@ def write_samples(config: TrainConfig, net: nn.Module, ema: EMA | None, schedule
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
+
+
+def sample_conditions(config: TrainConfig, held_out: Tensor, n: int) -> Tensor:
+    """The conditions of a sample grid of n images: the classes 0, 1, ..., K-1, 0, ... (one
+    column per class in a grid 8 or 10 wide), or the first n held-out captions."""
+    if config.unet.num_classes is not None:
+        return torch.arange(n, device=held_out.device) % config.unet.num_classes
+    return held_out[torch.arange(n) % len(held_out)]

@@ -1,31 +1,21 @@
 """The data of a training run: the images of `config.data`, read in a resumable order.
 
-`make_dataset` gives the shipped digits or an image folder; `ResumableBatches` cuts a
+`make_dataset` gives the shipped digits (with their labels), the procedural shapes (with
+their captions' token ids) or an image folder; `ResumableBatches` cuts a
 seeded permutation per epoch into the global batch and hands each rank its rows, so that
 micro-batch k is a function of (seed, k) alone and a resumed run reads on where it stopped.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from minildm.config import ConfigError, TrainConfig
-from minildm.data import DataError, ImageFolder, load_digits
+from minildm.data import DataError, ImageFolder, load_digits, make_shapes
 from minildm.distributed import seed_for
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """Images already in memory (N, C, H, W), item i is (C, H, W)."""
-
-    def __init__(self, x: Tensor):
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.x[i]
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -59,30 +49,59 @@ def channels_of(config: TrainConfig) -> int:
     return 1 if config.data.source == "digits" else 3
 
 
+@functools.lru_cache(maxsize=4)
+def _shapes(n: int, seed: int, size: int):
+    return make_shapes(n, seed=seed, size=size)
+
+
 def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.Dataset:
-    """The training images: the shipped digits, or an image folder (DataError if missing/empty)."""
+    """The training (or held-out) data; item i is a tuple (x,) or (x, cond):
+
+        digits  x (1, S, S); cond its class label () long if unet.num_classes is set
+        shapes  x (3, S, S); cond the caption's token ids (text.max_len,) long if text is set
+        folder  x (3, S, S) read from disk (DataError if the folder is missing or empty)
+
+    The held-out split: the digits' test split; 1,000 shapes of seed 1; the folder itself."""
     d = config.data
+    labels = config.stage == "diffusion" and config.unet.num_classes is not None
+    text = config.stage == "diffusion" and config.text is not None
     if d.source == "digits":
         if d.image_size not in (28, 32):
             raise ConfigError(f"data.image_size={d.image_size}: the digits come in 28 or 32")
-        return TensorImages(load_digits(split, d.image_size)[0])
+        x, y = load_digits(split, d.image_size)
+        return torch.utils.data.TensorDataset(x, y) if labels else torch.utils.data.TensorDataset(x)
+    if d.source == "shapes":
+        s = _shapes(d.shapes_count, 0, d.image_size) if split == "train" else _shapes(1000, 1, d.image_size)
+        if not text:
+            return torch.utils.data.TensorDataset(s.images)
+        from minildm.text import Tokenizer
+        ids, _ = Tokenizer(max_len=config.text.max_len)(s.captions)  # (n, L)
+        return torch.utils.data.TensorDataset(s.images, ids)
     if d.path is None:
         raise ConfigError("data.source=folder needs data.path: --data.path=/path/to/images")
     return ImageFolder(d.path, d.image_size)
 
 
-def next_batch(it) -> Tensor:
-    """The next micro-batch; a DataError raised in a worker is shortened to its own line."""
+def next_batch(it) -> list[Tensor]:
+    """The next micro-batch as a list [x] or [x, cond]; a DataError raised in a worker is
+    shortened to its own line."""
     try:
-        return next(it)
+        batch = next(it)
     except DataError as e:
         raise DataError(str(e).strip().splitlines()[-1].removeprefix("minildm.data.DataError: ")) from None
+    return [batch] if isinstance(batch, Tensor) else list(batch)
 
+
+def validation_batch(config: TrainConfig, n: int) -> list[Tensor]:
+    """n held-out items [x] or [x, cond], evenly spaced through the held-out split (the
+    digits' test split is sorted by class: every digit appears)."""
+    ds = make_dataset(config, "train" if config.data.source == "folder" else "test")
+    items = [ds[i] for i in torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()]
+    if isinstance(items[0], Tensor):
+        return [torch.stack(items)]
+    return [torch.stack(column) for column in zip(*items)]
 
 
 def validation_images(config: TrainConfig, n: int) -> Tensor:
-    """n held-out images, evenly spaced through the digits' test split (which is sorted by
-    class: every digit appears) or through the image folder."""
-    ds = make_dataset(config, "test" if config.data.source == "digits" else "train")
-    return torch.stack([ds[i] for i in torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()])
-
+    """The images of `validation_batch`, (n, C, S, S)."""
+    return validation_batch(config, n)[0]

@@ -52,9 +52,11 @@ from minildm.config import ConfigError, TrainConfig
 from minildm.distributed import Rank, peak_memory_mb, seed_for, setup_rank
 from minildm.ema import EMA
 from minildm.monitor import write_samples
-from minildm.resume import restore_run, save_run
+from minildm.resume import extras_to_save, restore_extras, restore_run, save_run
 from minildm.rundata import ResumableBatches, make_dataset, next_batch
-from minildm.stages import autoencoder_terms, build_model, diffusion_terms, make_schedule
+from minildm.stages import (FirstStage, FirstStageExtras, autoencoder_terms, build_model, check_first_stage, diffusion_terms,
+                            encode, first_stage_bytes, first_stage_from_bytes, load_first_stage, make_schedule,
+                            null_cond_like)
 
 
 class RunError(RuntimeError):
@@ -99,13 +101,29 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
     if existing is not None and not resume:
         raise ConfigError(f"{run_dir} already holds checkpoints ({existing.name}); "
                           "pass --resume to continue, or choose another --run_dir")
+    saved = ckpt.read_checkpoint(existing) if existing is not None else None
     dataset = make_dataset(config)
+    first_stage, latent_shape = None, None
+    if config.stage == "diffusion" and config.first_stage is not None:
+        first_stage, latent_shape, dataset = latent_setup(config, dataset, saved, r.device)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    net = build_model(config).to(r.device)
+    net = build_model(config, latent_shape).to(r.device)
+    extras = FirstStageExtras.build(config, r.device)  # perceptual net, discriminator, logvar (or None)
     ema = EMA(net, config.ema_decay, config.ema_warmup) if config.ema_decay is not None else None
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    start = restore_run(existing, config, net, ema, opt) if existing is not None else 0
+    params = list(net.parameters()) + ([extras.logvar] if extras.logvar is not None else [])
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    D, opt_d, disc = extras.discriminator, None, None
+    if D is not None:  # the patch discriminator: its own Adam, lr loss.disc_lr (or optim.lr), same schedule
+        opt_d = torch.optim.AdamW(D.parameters(), lr=config.loss.disc_lr or o.lr, betas=tuple(o.betas), weight_decay=0.0)
+        disc = D if r.world == 1 else nn.parallel.DistributedDataParallel(
+            D, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    start = 0
+    if saved is not None:
+        start = restore_run(saved, config, net, ema, opt)
+        restore_extras(saved, extras, opt_d)
+    extra = {"first_stage.pt": first_stage_bytes(first_stage)} if first_stage is not None else {}
+    encode_in_loop = first_stage is not None and not isinstance(dataset, torch.utils.data.TensorDataset)
     model = net
     if r.world > 1:
         ids = [r.device.index] if r.device.type == "cuda" else None
@@ -137,6 +155,10 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
             lr = lr_at(step, config)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if opt_d is not None:
+                for group in opt_d.param_groups:
+                    group["lr"] = (config.loss.disc_lr or o.lr) * lr / o.lr
+            gan_on = D is not None and step >= config.loss.disc_start
             model.train()
             sums: dict[str, Tensor] = {}  # each loss term summed over the micro-batches
             for a in range(A):
@@ -144,14 +166,23 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                 g = torch.Generator(r.device).manual_seed(seed_for(config.seed, step, a, 1 << 20)
                                                           if config.stage == "diffusion" else
                                                           seed_for(config.seed, step, a, r.rank))
-                x = next_batch(it).to(r.device, non_blocking=True)
-                sync = nullcontext() if (r.world == 1 or a == A - 1) else model.no_sync()
-                with sync, torch.autocast(r.device.type, torch.bfloat16, enabled=config.bf16):
-                    terms = (diffusion_terms(model, x, schedule, config, g, r) if config.stage == "diffusion"
-                             else autoencoder_terms(model, x, config, g))
+                batch = [b.to(r.device, non_blocking=True) for b in next_batch(it)]
+                x, cond = batch[0], (batch[1] if len(batch) > 1 else None)  # images (or latents), labels / ids
+                if encode_in_loop:  # an image folder of a latent run
+                    x = encode(first_stage, x, torch.Generator(r.device).manual_seed(
+                        seed_for(config.seed, step, a, r.rank, 2)))
+                last_micro = r.world == 1 or a == A - 1  # DDP: all-reduce the gradients only at the last
+                sync = nullcontext() if last_micro else model.no_sync()
+                sync_d = nullcontext() if last_micro or disc is D else disc.no_sync()
+                with sync, sync_d, torch.autocast(r.device.type, torch.bfloat16, enabled=config.bf16):
+                    if config.stage == "diffusion":
+                        null = None if cond is None else null_cond_like(net, cond)
+                        terms = diffusion_terms(model, x, cond, null, schedule, config, g, r)
+                    else:
+                        terms = autoencoder_terms(model, net, x, config, g, extras, disc, gan_on)
                     if config.debug_nan_step == step + 1:
                         terms["loss"] = terms["loss"] * float("nan")
-                    (terms["loss"] / A).backward()
+                    ((terms["loss"] + terms.get("d_loss", 0.0)) / A).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 images += x.shape[0] * r.world
@@ -169,6 +200,9 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                 terms_now["grad_norm"] = float(nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if gan_on:
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(net)
             done = step + 1
@@ -186,7 +220,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                 failed = None
                 if main:
                     try:
-                        last = save_run(config, done, net, ema, opt)
+                        files, extra_state = extras_to_save(extras, opt_d)
+                        last = save_run(config, done, net, ema, opt, {**extra, **files}, extra_state)
                     except OSError as e:
                         failed = RunError(f"could not write the checkpoint of step {done} ({e.strerror or e}); "
                                           f"nothing partial was left; the last good checkpoint is {last}")
@@ -199,7 +234,7 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                     raise failed
             if main and ((config.sample_every and done % config.sample_every == 0) or done == config.steps):
                 try:
-                    write_samples(config, net, ema, schedule, done, r.device)
+                    write_samples(config, net, ema, schedule, done, r.device, first_stage)
                 except OSError as e:  # a grid is not worth a run: warn and go on
                     print(f"warning: could not write samples at step {done}: {e}", file=sys.stderr)
             if values[-1].item() > 0:
@@ -213,3 +248,33 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
             signal.signal(signal.SIGTERM, previous_handler)
     return last if last is not None else ckpt.latest(run_dir)
 
+
+
+def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: ckpt.Checkpoint | None,
+                 device: torch.device) -> tuple[FirstStage, tuple[int, int, int], torch.utils.data.Dataset]:
+    """The frozen first stage of a latent run, its latent shape, and the training set in latents.
+
+    A fresh run loads config.first_stage and measures its scale factor, 1 / std of the
+    latents of (up to) the first 1,000 training images (LDM's rescaling, Sec. 4.3.2,
+    `measure_scale_factor`), unless config.first_stage_scale gives one; a resumed run
+    reads the first stage stored in its checkpoint (the same weights and factor, even if
+    the file changed since). In-memory data (digits, shapes) is encoded once with
+    `minildm.latent.encode_dataset` (one posterior sample per image, seeded); an image folder
+    is encoded batch by batch in the loop (`encode`, posterior noise seeded per rank)."""
+    from minildm.autoencoder import measure_scale_factor
+    from minildm.latent import encode_dataset
+    if saved is not None and "first_stage.pt" in saved.extra:
+        first_stage = first_stage_from_bytes(saved.extra["first_stage.pt"], saved.path / "first_stage.pt")
+    else:
+        first_stage = load_first_stage(config.first_stage)
+        if config.first_stage_scale is not None:
+            first_stage.scale_factor.fill_(config.first_stage_scale)
+        else:
+            images = torch.stack([dataset[i][0] for i in range(min(1000, len(dataset)))])
+            measure_scale_factor(first_stage, images, generator=torch.Generator().manual_seed(config.seed))
+    first_stage = first_stage.to(device)
+    shape = check_first_stage(first_stage, config)
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        z = encode_dataset(first_stage, dataset.tensors[0], generator=torch.Generator(device).manual_seed(config.seed))
+        dataset = torch.utils.data.TensorDataset(z, *dataset.tensors[1:])
+    return first_stage, shape, dataset
