@@ -124,6 +124,8 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, st
     if config.stage == "diffusion":
         if config.data.source != "digits":
             raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
+        if n <= 64:
+            raise ConfigError(f"--n {n}: FID needs more samples than its 64 feature dimensions; use --n 65 or more")
         real = validation_images(config, 500)
         with torch.no_grad():
             fake = torch.cat([_sample(net, config, first_stage, min(250, n - i), "ddim", steps, seed + i, guidance)

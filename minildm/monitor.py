@@ -68,7 +68,8 @@ def write_samples(config: TrainConfig, net: nn.Module, ema: EMA | None, schedule
             pick = torch.linspace(0, len(x) - 1, min(n, len(x))).long()  # every class
             grid = torch.cat([x[pick], x_rec[pick]])  # originals above their reconstructions
         net.train()
-    save_png(grid, run_dir / "samples" / f"step_{step:09d}.png")
+    nrow = config.unet.num_classes if config.stage == "diffusion" and config.unet.num_classes else 8
+    save_png(grid, run_dir / "samples" / f"step_{step:09d}.png", nrow)  # a class per column
     record = {"step": step, **metrics}
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -267,6 +267,7 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
         first_stage = first_stage_from_bytes(saved.extra["first_stage.pt"], saved.path / "first_stage.pt")
     else:
         first_stage = load_first_stage(config.first_stage)
+        check_first_stage(first_stage, config)
         if config.first_stage_scale is not None:
             first_stage.scale_factor.fill_(config.first_stage_scale)
         else:

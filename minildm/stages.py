@@ -269,10 +269,10 @@ def autoencoder_terms(model: nn.Module, net: nn.Module, x: Tensor, config: Train
             lam = adaptive_weight(reconstruction_nll(terms, lo, extras.logvar), terms["g_adv"],
                                   net.decoder.conv_out.weight, lo.adaptive_delta, lo.adaptive_max)
             weights["g_adv"] = lo.disc_weight * lam
-        else:
-            terms["g_adv"], lam = zero, zero
     terms["loss"] = total_loss(terms, lo, weights, extras.logvar)
     if D is not None:
+        if not gan_on:  # logged as 0 before disc_start, as train_first_stage does
+            terms["g_adv"] = lam = zero
         terms["lambda"] = lam
         if gan_on:
             logits_real, logits_fake = (disc or D)(x).float(), (disc or D)(x_rec.detach()).float()

@@ -1,0 +1,227 @@
+"""The stages beyond pixel diffusion, through the command line: latent diffusion on a shipped
+first stage, class and text conditioning with guidance, the first stage with its patch
+discriminator; exact resume of each; and one clear line (exit code 2) for a bad first stage."""
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from minildm import checkpoint as ckpt
+from minildm.__main__ import main
+from minildm.autoencoder import load_autoencoder, measure_scale_factor
+from minildm.data import DATA_DIR, load_digits
+from minildm.distributed import Rank
+from minildm.stages import drop_cond
+
+AE = DATA_DIR / "checkpoints" / "ae_digits_f4.pt"  # KL f=4, 28x28x1 -> 7x7x4
+
+MICRO = f'''
+from minildm.autoencoder import AutoencoderConfig
+from minildm.config import DataConfig, DiffusionConfig, OptimConfig, TrainConfig
+from minildm.firststage import FirstStageLoss
+from minildm.losses import PatchDiscriminatorConfig
+from minildm.text import TextEncoderConfig
+from minildm.unet import UNetConfig
+
+config = TrainConfig(
+    stage="diffusion", steps=4, run_dir="runs/micro", first_stage={str(AE)!r},
+    data=DataConfig(source="digits", image_size=28, batch_size=8, shapes_count=64),
+    optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    unet=UNetConfig(in_ch=4, out_ch=4, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                    heads=1, groups=4, image_size=7),
+    diffusion=DiffusionConfig(T=50, prediction="v"),
+    autoencoder=AutoencoderConfig(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_ch=2, groups=4,
+                                  attn_mid=False),
+    loss=FirstStageLoss(disc_weight=0.5, disc_start=2, learn_logvar=True,
+                        discriminator=PatchDiscriminatorConfig(in_ch=1, ndf=8, n_layers=1)),
+    text=None,
+    ema_decay=0.9, num_threads=1, log_every=1, ckpt_every=2, progress=False, n_samples=4, sample_steps=2)
+'''
+TEXT = ["--data.source=shapes", "--data.image_size=32", "--unet.image_size=8", "--unet.context_dim=16",
+        "--unet.attn_resolutions=8", "--text.dim=16", "--text.depth=1", "--text.heads=2",
+        f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"]
+AE_STAGE = ["--stage=autoencoder", "--ema_decay=None"]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "micro.py"
+    path.write_text(MICRO)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def latent_run(cfg, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("latent") / "run"
+    assert main(["train", cfg, f"--run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def fails_with(capsys, argv, *words) -> str:
+    """Run the CLI, expect exit code 2 and one line on stderr containing `words`."""
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    for w in words:
+        assert w in err[0], err[0]
+    return err[0]
+
+
+def checkpoint_bytes(run_dir: Path) -> dict:
+    """Every file of the newest checkpoint except the manifest (which records the same hashes)."""
+    path = ckpt.latest(run_dir)
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.name not in ("MANIFEST.json", "config.json")}
+
+
+def same_run(a: Path, b: Path) -> None:
+    ca, cb = ckpt.read_checkpoint(a), ckpt.read_checkpoint(b)
+    assert ca.step == cb.step
+    for k in ca.model:
+        assert torch.equal(ca.model[k], cb.model[k]), k
+    for name in ca.extra:
+        assert ca.extra[name] == cb.extra[name], name
+
+
+# ----------------------------------------------------------------------------------------
+# latent diffusion
+
+def test_latent_run_uses_the_first_stage_and_its_measured_scale(latent_run):
+    c = ckpt.read_checkpoint(latent_run)
+    stored, _ = load_autoencoder(io.BytesIO(c.extra["first_stage.pt"]))
+    shipped, _ = load_autoencoder(AE)
+    for k, v in shipped.state_dict().items():  # the frozen first stage, untouched
+        if k != "scale_factor":
+            assert torch.equal(stored.state_dict()[k], v), k
+    x = load_digits("train", 28)[0][:1000]
+    expected = measure_scale_factor(shipped, x, generator=torch.Generator().manual_seed(0))
+    assert float(stored.scale_factor) == pytest.approx(expected, rel=1e-6)
+    assert 0.2 < expected < 5  # a real measurement, not the unmeasured 1.0
+    log = [json.loads(line) for line in (latent_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    grid = Image.open(latent_run / "samples" / "step_000000004.png")
+    assert grid.size == (8 * 29 + 1, 29 + 1)  # decoded: 28 px digits, not 7 px latents
+
+
+def test_latent_sample_and_evaluate_commands(latent_run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(latent_run), "--n", "3", "--out", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (8 * 29 + 1, 29 + 1)
+    capsys.readouterr()
+    assert main(["evaluate", str(latent_run), "--n", "80", "--steps", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 80 and metrics["fid"] > 0
+    fails_with(capsys, ["evaluate", str(latent_run), "--n", "20"], "--n 20", "65 or more")
+    fails_with(capsys, ["sample", str(latent_run), "--label", "3"], "unconditional")
+
+
+def test_latent_resume_is_exact(latent_run, cfg, tmp_path):
+    half = tmp_path / "half"  # stopped by a NaN at step 3, after the checkpoint of step 2
+    assert main(["train", cfg, f"--run_dir={half}", "--debug_nan_step=3"]) == 2
+    assert main(["train", cfg, f"--run_dir={half}", "--resume"]) == 0
+    same_run(half, latent_run)
+
+
+# ----------------------------------------------------------------------------------------
+# conditioning
+
+def test_condition_dropout_is_drawn_for_the_global_batch():
+    cond = torch.arange(8)
+    null = torch.full_like(cond, 10)
+    one = drop_cond(cond, null, 0.5, torch.Generator().manual_seed(3), Rank(0, 1, torch.device("cpu")))
+    ranks = [drop_cond(cond[4 * r:4 * r + 4], null[:4], 0.5, torch.Generator().manual_seed(3),
+                       Rank(r, 2, torch.device("cpu"))) for r in range(2)]
+    assert torch.equal(torch.cat(ranks), one)  # two GPUs drop the rows that one GPU drops
+    assert 0 < (one == 10).sum() < 8
+    assert torch.equal(drop_cond(cond, null, 0.0, torch.Generator(), Rank(0, 1, torch.device("cpu"))), cond)
+    assert torch.equal(drop_cond(cond, null, 1.0, torch.Generator(), Rank(0, 1, torch.device("cpu"))), null)
+
+
+def test_class_conditional_run_and_guided_samples(cfg, tmp_path, capsys):
+    run_dir = tmp_path / "cls"
+    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", "--unet.num_classes=10",
+                 "--guidance=2", "--n_samples=10"]) == 0
+    out = tmp_path / "sevens.png"
+    assert main(["sample", str(run_dir), "--n", "2", "--label", "7", "--guidance", "3", "--steps", "2",
+                 "--out", str(out)]) == 0
+    fails_with(capsys, ["sample", str(run_dir), "--label", "12"], "--label=12", "0..9")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", "--unet.num_classes=10",
+                        "--data.source=shapes", "--data.image_size=32", "--unet.image_size=8",
+                        f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"], "digits only")
+
+
+def test_text_conditional_run_and_prompt(cfg, tmp_path, capsys):
+    run_dir = tmp_path / "txt"
+    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", *TEXT, "--guidance=2"]) == 0
+    c = ckpt.read_checkpoint(run_dir)
+    assert any(k.startswith("encoder.") for k in c.model)  # the text encoder is trained and saved
+    out = tmp_path / "star.png"
+    assert main(["sample", str(run_dir), "--n", "2", "--prompt", "a big red star in the middle",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).mode == "RGB"
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'y'}", *TEXT, "--unet.context_dim=8"],
+               "unet.context_dim=8 must equal text.dim=16")
+
+
+# ----------------------------------------------------------------------------------------
+# the first stage with its discriminator
+
+def test_gan_first_stage_logs_every_term_and_resumes_exactly(cfg, tmp_path):
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    assert main(["train", cfg, *AE_STAGE, f"--run_dir={straight}"]) == 0
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    keys = {"rec", "kl", "g_adv", "lambda", "d_loss", "logits_real", "logits_fake", "logvar", "loss", "lr"}
+    assert keys <= log[0].keys()
+    assert log[0]["d_loss"] == 0 and log[2]["d_loss"] > 0  # the discriminator starts at step disc_start=2
+    assert "discriminator.safetensors" in ckpt.read_checkpoint(straight).extra
+    # stopped at step 4, after the checkpoint of step 3: D and its optimizer have taken a step
+    assert main(["train", cfg, *AE_STAGE, f"--run_dir={half}", "--ckpt_every=1", "--debug_nan_step=4"]) == 2
+    assert ckpt.read_checkpoint(half).step == 3
+    assert main(["train", cfg, *AE_STAGE, f"--run_dir={half}", "--resume"]) == 0
+    same_run(half, straight)
+    assert checkpoint_bytes(half)["discriminator.safetensors"] == checkpoint_bytes(straight)["discriminator.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------
+# a bad first stage: one line, exit code 2
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bad_first_stage(cfg, tmp_path, capsys, latent_run):
+    run = ["train", cfg, f"--run_dir={tmp_path / 'run'}"]
+    fails_with(capsys, [*run, f"--first_stage={tmp_path / 'nope.pt'}"], "nope.pt does not exist")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(AE.read_bytes()[:5000])
+    fails_with(capsys, [*run, f"--first_stage={broken}"], "cannot read first stage", "broken.pt")
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"kind": "kl", "x": _Exploit(str(marker))}, evil)
+    fails_with(capsys, [*run, f"--first_stage={evil}"], "refusing to load first stage")
+    assert not marker.exists()
+    photos = DATA_DIR / "checkpoints" / "ae_photos_f4.pt"
+    fails_with(capsys, [*run, f"--first_stage={photos}"], "reads 3-channel images", "has 1")
+    fails_with(capsys, [*run, f"--first_stage={latent_run}"], "stage=diffusion run, not an autoencoder")
+    fails_with(capsys, [*run, "--unet.in_ch=2", "--unet.out_ch=2"], "latents have 4 channel(s)",
+               "--unet.in_ch=4")
+    fails_with(capsys, [*run, "--unet.image_size=14"], "--unet.image_size=7")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_another_first_stage_is_refused(latent_run, cfg, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(latent_run, run_dir)
+    before = hashlib.sha256(b"".join(checkpoint_bytes(run_dir).values())).hexdigest()
+    other = DATA_DIR / "checkpoints" / "ae_digits_f4_kl0.pt"
+    fails_with(capsys, ["train", cfg, f"--run_dir={run_dir}", "--steps=6", "--resume", f"--first_stage={other}"],
+               "cannot resume", "first_stage")
+    assert hashlib.sha256(b"".join(checkpoint_bytes(run_dir).values())).hexdigest() == before
