@@ -115,3 +115,16 @@ def test_text_encoder_trains_jointly_with_the_unet():
                    cond_dropout=0.1, null_cond=tok.null_ids(), generator=torch.Generator().manual_seed(0))
     assert all(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items()
                if k.endswith("weight"))
+
+
+def test_clock_sets_the_budget():
+    """A fake clock that advances 1 s per reading: max_seconds=5.5 stops after the step whose
+    reading passes 5.5, whatever the real time."""
+    ticks = iter(range(10**6))
+    seen = []
+    net = MLPDenoiser(MLPConfig(dim=2, hidden=8, depth=1))
+    log = train_denoiser(net, batches(torch.randn(64, 2), batch_size=32), cosine_schedule(20), 100,
+                         max_seconds=5.5, clock=lambda: float(next(ticks)),
+                         on_step=lambda step, seconds: seen.append(seconds))
+    # readings: start 0; per step on_step (1, 3, 5, ...) then the budget check (2, 4, 6, ...)
+    assert seen == [1.0, 3.0, 5.0] and len(log.losses) == 3 and log.seconds == 7.0
