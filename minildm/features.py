@@ -251,16 +251,20 @@ class ShapesClassifier(nn.Module):
             blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
                        nn.ReLU(), nn.MaxPool2d(2)]
             in_ch = out_ch
-        self.trunk = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(in_ch * 4 * 4, hidden), nn.ReLU())
+        self.trunk = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(in_ch * 4 * 4, hidden))
         self.heads = nn.ModuleDict({
             "shape": nn.Linear(hidden, len(SHAPES)), "color": nn.Linear(hidden, len(COLORS)),
             "size": nn.Linear(hidden, len(SIZES)), "position": nn.Linear(hidden, len(POSITIONS))})
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits per attribute: {"shape": (B, 5), "color": (B, 6), "size": (B, 3), "position": (B, 9)}."""
+    def features(self, x: Tensor) -> Tensor:
+        """The hidden layer before its ReLU, (B, hidden): the features of a shapes FID."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
             raise ValueError(f"expected shapes images of shape (B, 3, 32, 32), got {tuple(x.shape)}")
-        h = self.trunk(x)  # (B, hidden)
+        return self.trunk(x)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits per attribute: {"shape": (B, 5), "color": (B, 6), "size": (B, 3), "position": (B, 9)}."""
+        h = F.relu(self.features(x))  # (B, hidden)
         return {name: head(h) for name, head in self.heads.items()}
 
 

@@ -121,10 +121,8 @@ def test_prompt_accuracy_by_hand():
 
 
 def test_shipped_shapes_classifier_reads_real_shapes():
-    path = DATA_DIR / "shapes_classifier.pt"
-    if not path.is_file():
-        pytest.skip("data/shapes_classifier.pt not built")
     from minildm.features import load_shapes_classifier
+    assert (DATA_DIR / "shapes_classifier.pt").stat().st_size < 1_000_000
     test = make_shapes(500, seed=1000)
     acc = prompt_accuracy(predict_attributes(load_shapes_classifier(), test.images), test.labels)
     assert all(acc[a] >= 0.97 for a in SHAPE_ATTRIBUTES) and acc["all"] >= 0.95, acc
