@@ -1,4 +1,4 @@
-"""The command line: ``python -m minildm {train,sample,evaluate} ...`` (each has --help).
+"""The command line: ``python -m minildm {train,sample,evaluate,plot} ...`` (each has --help).
 
     python -m minildm train configs/tiny_digits_ddpm.py [--key=value ...] [--resume]
     torchrun --nproc_per_node=8 -m minildm train configs/my_run.py --resume
@@ -56,7 +56,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     e.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the config's)")
+    pl = sub.add_parser("plot", help="plot a run's curves (log.jsonl, metrics.jsonl) into a PNG")
+    pl.add_argument("run_dir", help="a run folder (the run_dir of its config)")
+    pl.add_argument("--out", default=None, help="PNG file to write (default RUN_DIR/curves.png)")
+    pl.add_argument("--keys", default=None, help="comma-separated curves, e.g. loss,lr,val/val_loss (default all)")
     return p
+
+
+def _plot(run_dir: str, out: str | None, keys: str | None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    from minildm.plotting import plot_run
+    try:
+        fig = plot_run(run_dir, keys.split(",") if keys else None)
+    except (FileNotFoundError, KeyError) as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    path = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=80)
+    return path
 
 
 def _load_model(path: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, object]:
@@ -162,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if rest:
             raise ConfigError(f"unrecognised arguments: {' '.join(rest)}")
+        if args.command == "plot":
+            print(f"wrote {_plot(args.run_dir, args.out, args.keys)}")
+            return 0
         net, config, first_stage = _load_model(args.checkpoint, use_ema=not args.no_ema)
         if args.command == "sample":
             from minildm.monitor import save_png

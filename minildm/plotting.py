@@ -134,3 +134,62 @@ def animate(fig: plt.Figure, update: Callable[[int], None], frames: int, fps: in
         gif = path.read_bytes()
     plt.close(fig)
     return gif
+
+
+# -----------------------------------------------------------------------------
+# a training run's curves (python -m minildm plot RUN_DIR)
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file (log.jsonl, metrics.jsonl of a run); [] if it does not exist.
+    A last line cut short by a kill is skipped."""
+    import json
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def run_curves(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """{name: (steps, values)} for every number of a run's log.jsonl and metrics.jsonl (the
+    metrics prefixed "val/"), except the wall-clock "time". A resumed run may log a step
+    twice; the later value wins."""
+    curves: dict[str, dict[int, float]] = {}
+    for prefix, name in (("", "log.jsonl"), ("val/", "metrics.jsonl")):
+        for r in read_jsonl(Path(run_dir) / name):
+            for k, v in r.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    curves.setdefault(prefix + k, {})[int(r["step"])] = float(v)
+    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in curves.items()}
+
+
+def plot_run(run_dir: str | Path, keys: Sequence[str] | None = None, ncols: int = 3) -> plt.Figure:
+    """One small panel per curve of `run_curves` (or only `keys`), against the step; losses
+    that stay positive on a log scale. Raises FileNotFoundError if the run logged nothing."""
+    curves = run_curves(run_dir)
+    if not curves:
+        raise FileNotFoundError(f"no log.jsonl or metrics.jsonl with numbers in {run_dir}")
+    names = list(keys) if keys is not None else sorted(curves, key=lambda k: (k.startswith("val/"), k != "loss", k))
+    missing = [k for k in names if k not in curves]
+    if missing:
+        raise KeyError(f"{', '.join(missing)} not logged; the run has {', '.join(sorted(curves))}")
+    rows = (len(names) + ncols - 1) // ncols
+    fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols, 2.3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        steps, values = curves[name]
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        if ("loss" in name or name in ("rec", "kl", "vq", "perceptual")) and min(values) > 0:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -266,13 +266,14 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
     if saved is not None and "first_stage.pt" in saved.extra:
         first_stage = first_stage_from_bytes(saved.extra["first_stage.pt"], saved.path / "first_stage.pt")
     else:
-        first_stage = load_first_stage(config.first_stage)
+        first_stage = load_first_stage(config.first_stage).to(device)
         check_first_stage(first_stage, config)
         if config.first_stage_scale is not None:
             first_stage.scale_factor.fill_(config.first_stage_scale)
         else:
-            images = torch.stack([dataset[i][0] for i in range(min(1000, len(dataset)))])
-            measure_scale_factor(first_stage, images, generator=torch.Generator().manual_seed(config.seed))
+            items = [dataset[i] for i in range(min(1000, len(dataset)))]  # (x,) tuples, or images (folder)
+            images = torch.stack([x if isinstance(x, Tensor) else x[0] for x in items])
+            measure_scale_factor(first_stage, images, generator=torch.Generator(device).manual_seed(config.seed))
     first_stage = first_stage.to(device)
     shape = check_first_stage(first_stage, config)
     if isinstance(dataset, torch.utils.data.TensorDataset):

@@ -225,3 +225,34 @@ def test_resume_with_another_first_stage_is_refused(latent_run, cfg, tmp_path, c
     fails_with(capsys, ["train", cfg, f"--run_dir={run_dir}", "--steps=6", "--resume", f"--first_stage={other}"],
                "cannot resume", "first_stage")
     assert hashlib.sha256(b"".join(checkpoint_bytes(run_dir).values())).hexdigest() == before
+
+
+def test_latent_run_on_an_image_folder_encodes_in_the_loop(cfg, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = (torch.rand(36, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    run_dir = tmp_path / "run"
+    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", "--data.source=folder", f"--data.path={folder}",
+                 "--data.image_size=32", "--unet.image_size=8",
+                 f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"]) == 0
+    assert Image.open(run_dir / "samples" / "step_000000002.png").size == (8 * 33 + 1, 33 + 1)
+
+
+def test_run_curves_read_both_logs(latent_run):
+    from minildm.plotting import run_curves
+    curves = run_curves(latent_run)
+    lines = [json.loads(line) for line in (latent_run / "log.jsonl").read_text().splitlines()]
+    assert curves["loss"] == ([1, 2, 3, 4], [r["loss"] for r in lines])
+    assert curves["val/val_loss"][0] == [4] and "time" not in curves
+
+
+def test_plot_command(latent_run, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(latent_run), "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 100
+    assert main(["plot", str(latent_run), "--keys", "loss,val/val_loss", "--out", str(out)]) == 0
+    fails_with(capsys, ["plot", str(latent_run), "--keys", "los"], "los not logged", "loss")
+    fails_with(capsys, ["plot", str(tmp_path)], "no log.jsonl")
