@@ -11,7 +11,9 @@ ae:         `minildm.firststage.train_first_stage` on make_shapes(20000, seed=0)
             L2 + 1e-6 KL (with L1 the small shape, a few % of the pixels, stayed an orange blob
             after 900 steps; L2 weighs its large colour errors more), writes
             data/checkpoints/ae_shapes_f4.pt (float16, with its measured scale factor).
-classifier: `minildm.features.train_shapes_classifier`, writes data/shapes_classifier.pt.
+classifier: `minildm.features.train_shapes_classifier` (3,000 steps) on make_shapes(20000, seed=100)
+            and on their reconstructions by the ae stage's model (so run ae first), writes
+            data/shapes_classifier.pt.
 ldm:        latents of make_shapes(20000, seed=0) encoded once (`minildm.latent.encode_dataset`),
             then `minildm.train.train_denoiser` on the `TextConditionedUNet` (UNet + TextEncoder,
             one optimizer) with 10% condition dropout; writes data/checkpoints/ldm_shapes_text.pt.
@@ -75,14 +77,14 @@ def build_ae() -> None:
 
 
 def build_classifier() -> None:
+    ae, _ = load_autoencoder(AE_PATH)
     t0 = time.perf_counter()
-    net = train_shapes_classifier(seed=0, verbose=True)
+    net = train_shapes_classifier(seed=0, steps=3000, first_stage=ae, verbose=True)
     seconds = time.perf_counter() - t0
     torch.save(net.state_dict(), DATA_DIR / SHAPES_WEIGHTS_FILE)
     net = load_shapes_classifier()
     test = make_shapes(1000, seed=TEST_SEED)
     acc = prompt_accuracy(predict_attributes(net, test.images), test.labels)
-    ae, _ = load_autoencoder(AE_PATH)
     with torch.no_grad():
         rec = torch.cat([ae.decode_latents(ae.encode_latents(xb)).clamp(-1, 1) for xb in test.images.split(250)])
     acc_rec = prompt_accuracy(predict_attributes(net, rec), test.labels)

@@ -126,3 +126,17 @@ def test_shipped_shapes_classifier_reads_real_shapes():
     test = make_shapes(500, seed=1000)
     acc = prompt_accuracy(predict_attributes(load_shapes_classifier(), test.images), test.labels)
     assert all(acc[a] >= 0.97 for a in SHAPE_ATTRIBUTES) and acc["all"] >= 0.95, acc
+
+
+def test_shapes_classifier_training_is_seeded_and_uses_the_reconstructions():
+    from minildm.autoencoder import AutoencoderConfig, AutoencoderKL
+    from minildm.features import train_shapes_classifier
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(in_ch=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, z_ch=2, groups=4,
+                                         attn_mid=False)).eval()
+    kw = dict(seed=3, steps=2, batch_size=8, n_train=16)
+    a, b = train_shapes_classifier(**kw).state_dict(), train_shapes_classifier(**kw).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = train_shapes_classifier(first_stage=ae, **kw).state_dict()  # 32 rows: another shuffle, other batches
+    assert not all(torch.equal(a[k], c[k]) for k in a)
