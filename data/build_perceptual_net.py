@@ -1,6 +1,10 @@
 """Build data/perceptual_net.pt, the default feature network of minildm.perceptual.
 
-    python data/build_perceptual_net.py
+    python data/build_perceptual_net.py                                   # data/perceptual_net.pt
+    python data/build_perceptual_net.py --seed 1 --out data/perceptual_net_seed1.pt
+
+The second file is the same recipe with another seed: lesson 06 uses it for a reconstruction
+FID on features that no autoencoder was trained against.
 
 Trains `minildm.perceptual.PerceptualNet` with `train_perceptual_net(seed=0)` (one CPU
 thread, seeded) to classify which of the 9 photos and which of the 5 zoom levels a 32 px
@@ -10,7 +14,9 @@ crops (`zoom_dataset(40, seed=1)`: other positions of the same photos, 1,800 cro
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,12 +27,16 @@ from minildm.perceptual import (WEIGHTS_FILE, PerceptualNet, train_perceptual_ne
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DATA_DIR / WEIGHTS_FILE)
+    args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    net = train_perceptual_net(seed=0, verbose=True)
+    net = train_perceptual_net(seed=args.seed, verbose=True)
     seconds = time.perf_counter() - t0
     state = {k: v.half() for k, v in net.state_dict().items()}
-    out = DATA_DIR / WEIGHTS_FILE
+    out = args.out
     _save_atomic(state, out)
     net = PerceptualNet()
     net.load_state_dict({k: v.float() for k, v in state.items()})  # measure what the file holds

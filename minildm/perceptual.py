@@ -213,11 +213,17 @@ def perceptual_weights_path() -> Path:
     return shipped if shipped.is_file() else cache_dir() / WEIGHTS_FILE
 
 
-def load_perceptual_net(device: str | torch.device = "cpu") -> PerceptualNet:
+def load_perceptual_net(device: str | torch.device = "cpu", path: str | Path | None = None) -> PerceptualNet:
     """The trained default PerceptualNet, frozen, in eval mode. Reads data/perceptual_net.pt
     (made by ``python data/build_perceptual_net.py``); if missing, trains it once with
-    `train_perceptual_net()` and caches it in `minildm.features.cache_dir()`."""
-    path = perceptual_weights_path()
+    `train_perceptual_net()` and caches it in `minildm.features.cache_dir()`. `path`: read
+    another file written by the build script instead (e.g. data/perceptual_net_seed1.pt)."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; make it with python data/build_perceptual_net.py --out {path}")
+    else:
+        path = perceptual_weights_path()
     if not path.is_file():
         print(f"{DATA_DIR / WEIGHTS_FILE} not found: training the perceptual net once, caching it at {path}")
         _save_atomic({k: v.half() for k, v in train_perceptual_net().state_dict().items()}, path)
