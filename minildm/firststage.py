@@ -95,6 +95,9 @@ class FirstStageLoss:
 
     def weight(self, term: str) -> float:
         """The weight of a built-in term ("rec", "kl", "vq", "perceptual")."""
+        if term not in ("rec", "kl", "vq", "perceptual"):
+            raise KeyError(f"no built-in weight for the term {term!r}: give it in extra_weights "
+                           f"(train_first_stage does so for 'g_adv': disc_weight * lambda)")
         return getattr(self, f"{term}_weight")
 
 

@@ -1,7 +1,10 @@
 """The first-stage training loop: it lowers the loss on a tiny problem, logs every term,
-weighs the terms as documented, and takes extra terms without a second loop."""
+weighs the terms as documented, and takes extra terms without a second loop; with a
+perceptual distance, a patch discriminator (start step, adaptive weight) and a learned
+log-variance, for the KL and the VQ autoencoder alike."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ import torch.nn.functional as F
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, VQAutoencoder, VQAutoencoderConfig
 from minildm.data import batches
 from minildm.firststage import FirstStageLoss, first_stage_terms, total_loss, train_first_stage
+from minildm.losses import PatchDiscriminator, PatchDiscriminatorConfig, generator_loss
+from minildm.perceptual import PerceptualDistance, PerceptualNet
 from minildm.quantize import QuantizerConfig
 
 
@@ -100,9 +105,6 @@ def test_loss_config_validation(kwargs, message):
 # -----------------------------------------------------------------------------
 # lesson 06: perceptual and patch-adversarial terms in the same loop
 
-from minildm.losses import PatchDiscriminator, PatchDiscriminatorConfig, generator_loss  # noqa: E402
-from minildm.perceptual import PerceptualDistance, PerceptualNet  # noqa: E402
-
 
 def tiny_disc(in_ch=1):
     torch.manual_seed(1)
@@ -114,7 +116,8 @@ def rgb_blobs(n=16):
 
 
 def test_disc_start_turns_the_gan_term_on_at_the_right_step():
-    config = FirstStageLoss(disc_weight=0.5, disc_start=3, discriminator=PatchDiscriminatorConfig(in_ch=1, ndf=4, n_layers=1))
+    config = FirstStageLoss(disc_weight=0.5, disc_start=3,
+                            discriminator=PatchDiscriminatorConfig(in_ch=1, ndf=4, n_layers=1))
     D = tiny_disc()
     before = [p.detach().clone() for p in D.parameters()]
     snapshots = []
@@ -176,3 +179,11 @@ def test_missing_networks_are_named():
         train_first_stage(kl_model(), batches(blobs(8), batch_size=8), 1, FirstStageLoss(disc_weight=0.1))
     with pytest.raises(ValueError, match="needs a perceptual distance"):
         train_first_stage(kl_model(), batches(blobs(8), batch_size=8), 1, FirstStageLoss(perceptual_weight=0.1))
+
+
+def test_loss_config_round_trips_through_a_dict():
+    config = FirstStageLoss(perceptual_weight=1.0, disc_weight=0.5, disc_start=10, gan_loss="non_saturating",
+                            discriminator=PatchDiscriminatorConfig(ndf=16, n_layers=2))
+    assert FirstStageLoss(**asdict(config)) == config  # a checkpoint's meta rebuilds the same config
+    with pytest.raises(ValueError, match="gan_loss must be"):
+        FirstStageLoss(gan_loss="wgan")

@@ -10,8 +10,10 @@ from torch import nn
 
 from minildm.losses import (PatchDiscriminator, PatchDiscriminatorConfig, adaptive_weight, discriminator_loss,
                             generator_loss, receptive_field)
-from minildm.perceptual import (LPIPS_TAPS, PerceptualDistance, PerceptualNet, VGG16Features, load_vgg16,
-                                normalize_channels)
+from minildm.data import PHOTO_NAMES, photo_crops
+from minildm.perceptual import (LPIPS_TAPS, ZOOMS, PerceptualDistance, PerceptualNet, PerceptualTrainConfig,
+                                VGG16Features, load_perceptual_net, load_vgg16, normalize_channels, photo_features,
+                                train_perceptual_net, zoom_dataset)
 
 
 def crops(n=4, size=32, seed=0):
@@ -196,3 +198,30 @@ def test_adaptive_weight_against_a_hand_computation():
     torch.testing.assert_close(adaptive_weight(rec, gan, W), hand)
     assert adaptive_weight(rec, gan, W, max_weight=0.01) == 0.01  # clamped
     assert not adaptive_weight(rec, gan, W).requires_grad
+
+
+# -----------------------------------------------------------------------------
+# the default feature net: its training routine and its files
+
+
+def test_zoom_dataset_labels_name_the_photo_and_the_zoom():
+    x, y = zoom_dataset(2, seed=3)
+    assert x.shape == (90, 3, 32, 32) and torch.equal(y, torch.arange(45).repeat_interleave(2))
+    k = 2 * len(ZOOMS) + 4  # the third photo at the strongest zoom
+    torch.testing.assert_close(x[2 * k:2 * k + 2], photo_crops(2, 32, seed=3000 + k, downscales=(ZOOMS[4],),
+                                                               names=(PHOTO_NAMES[2],)))
+
+
+def test_perceptual_net_training_is_deterministic():
+    cfg = PerceptualTrainConfig(steps=3, batch_size=8, n_per_class=1)
+    a, b = train_perceptual_net(seed=0, config=cfg), train_perceptual_net(seed=0, config=cfg)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert not a.training
+
+
+def test_shipped_net_gives_fid_features_and_a_clear_error_for_a_missing_file(tmp_path):
+    f = photo_features(crops(3))
+    assert f.shape == (3, 64) and torch.isfinite(f).all()
+    with pytest.raises(FileNotFoundError, match="build_perceptual_net.py"):
+        load_perceptual_net(path=tmp_path / "nope.pt")
