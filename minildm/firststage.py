@@ -258,8 +258,10 @@ def train_first_stage(
             terms, x_rec, aux = first_stage_terms(model, x, config, generator, perceptual)
             for name, (_, fn) in extra_terms.items():
                 terms[name] = fn(x, x_rec).float()
-            if gan_on:
+            if gan_on:  # D frozen in the generator's pass: gradients reach x_rec, not D
+                discriminator.requires_grad_(False)
                 terms["g_adv"] = generator_loss(discriminator(x_rec).float(), config.gan_loss)
+                discriminator.requires_grad_(True)
         weights = dict(extra_weights)
         if gan_on:
             lam = adaptive_weight(reconstruction_nll(terms, config, logvar), terms["g_adv"], last_layer,
