@@ -1,9 +1,9 @@
 """Text-to-image latent diffusion on the procedural shapes ("a big red star in the middle"):
 captions are tokenized (`minildm.text.Tokenizer`) and read by a small transformer text
 encoder trained jointly with the UNet, whose cross-attention layers attend to its tokens
-(LDM Sec. 3.3, Eq. 3). The first stage is the shipped KL f=4 autoencoder of the photo crops
-(data/checkpoints/ae_photos_f4.pt: 32x32x3 -> 8x8x4), reused as is on the shapes. A toy:
-in a couple of minutes the samples get the colours and rough places, not crisp shapes.
+(LDM Sec. 3.3, Eq. 3). The first stage is lesson 07's shipped KL f=4 autoencoder of the
+shapes (data/checkpoints/ae_shapes_f4.pt: 32x32x3 -> 8x8x4). A toy: in a few minutes the
+samples get colours and rough places right more often than shapes.
 
     python -m minildm train configs/tiny_shapes_text.py
     python -m minildm sample runs/tiny_shapes_text --prompt "a big red circle in the middle" --guidance 3
@@ -18,7 +18,7 @@ config = TrainConfig(
     stage="diffusion",
     steps=800,
     run_dir="runs/tiny_shapes_text",
-    first_stage=str(DATA_DIR / "checkpoints" / "ae_photos_f4.pt"),  # f=4: 32x32x3 -> 8x8x4
+    first_stage=str(DATA_DIR / "checkpoints" / "ae_shapes_f4.pt"),  # f=4: 32x32x3 -> 8x8x4
     data=DataConfig(source="shapes", image_size=32, batch_size=64, shapes_count=10_000),
     optim=OptimConfig(lr=2e-3, warmup_steps=50, grad_clip=1.0),
     unet=UNetConfig(in_ch=4, out_ch=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),

@@ -13,8 +13,22 @@ permutation seeded by (seed, epoch), read from the position k * accumulate; the 
 (t, eps, the posterior samples) and torch's global generator (dropout) are reseeded from
 (seed, k, micro-batch, rank) before each step. With the weights, the optimizer and the EMA
 restored, a run killed at any point and resumed with `resume=True` ends with the same
-weights as one that never stopped. The diffusion noise of a step is drawn for the whole
-global batch and sliced per rank, so the result does not depend on the number of GPUs.
+weights as one that never stopped. The diffusion noise of a step (and the condition
+dropout) is drawn for the whole global batch and sliced per rank, so the result does not
+depend on the number of GPUs (up to the order of the gradient sums). One exception: a
+latent run on an image folder encodes each batch in the loop, and its posterior samples
+are drawn per rank.
+
+What each stage adds to the loop (`minildm.stages`):
+
+    pixel diffusion      the UNet; unconditional, or class labels / captions as cond
+    latent diffusion     + config.first_stage, frozen: its scale factor is measured at the
+                         start, the training set encoded once (or per batch for a folder),
+                         and it is stored in every checkpoint (first_stage.pt), so a resumed
+                         run, `sample` and `evaluate` need nothing but the checkpoint
+    first stage          + the perceptual net, a patch discriminator with its own optimizer
+                         (discriminator.safetensors, its state in state.pt) and a learned
+                         log-variance, switched on by config.loss
 
 Per step, with a global batch of G images, A accumulation steps and W processes, each
 process reads micro-batches of G / (A W) images; the micro-batch is the global batch's

@@ -256,3 +256,48 @@ def test_plot_command(latent_run, tmp_path, capsys):
     assert main(["plot", str(latent_run), "--keys", "loss,val/val_loss", "--out", str(out)]) == 0
     fails_with(capsys, ["plot", str(latent_run), "--keys", "los"], "los not logged", "loss")
     fails_with(capsys, ["plot", str(tmp_path)], "no log.jsonl")
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: str, run_dir: str, extra: list) -> None:
+    import os
+    from minildm.config import load_config
+    from minildm.runner import run
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    run(load_config(cfg, [f"--run_dir={run_dir}", *extra]))
+
+
+def test_ddp_gan_first_stage_matches_one_process(cfg, tmp_path):
+    """Two gloo processes of 4 images = one of 8, for the autoencoder with its discriminator
+    (adaptive weight, D's own optimizer). Kept out, as they are per process by design: D's
+    BatchNorm statistics (as in LDM's multi-GPU training), a KL posterior's samples and a VQ
+    codebook's EMA updates; hence a VQ model with a gradient-trained codebook and D without
+    BatchNorm."""
+    import socket
+    import torch.multiprocessing as mp
+    from minildm.config import load_config
+    from minildm.runner import run
+    extra = [*AE_STAGE, "--steps=3", "--ckpt_every=3", "--loss.disc_start=1", "--loss.discriminator.norm=none",
+             "--quantizer.num_codes=16", "--quantizer.dim=2", "--quantizer.ema=false", "--quantizer.restart_dead=false"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path / "ddp"), extra), nprocs=2)
+    run(load_config(cfg, [f"--run_dir={tmp_path / 'one'}", *extra]))
+    a, b = ckpt.read_checkpoint(tmp_path / "ddp"), ckpt.read_checkpoint(tmp_path / "one")
+    per_process = ("quantizer.last_used", "quantizer.born")  # which codes this process saw, and when
+
+    def close(x, y):
+        # Adam turns a gradient of about 0 into a step of +-lr whose sign is rounding noise,
+        # so a few weights may differ by up to 3 steps x lr = 3e-3; a missing all-reduce
+        # would change nearly all of them
+        diff = (x.float() - y.float()).abs()
+        return diff.max() <= 3e-3 and (diff > 1e-4).float().mean() < 0.01
+
+    for k in a.model:
+        if not k.endswith(per_process):
+            assert close(a.model[k], b.model[k]), k
+    da = ckpt.load_tensors("d", a.extra["discriminator.safetensors"])
+    db = ckpt.load_tensors("d", b.extra["discriminator.safetensors"])
+    for k in da:
+        assert close(da[k], db[k]), k

@@ -21,7 +21,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 def test_the_shipped_configs_are_there():
     names = {p.stem for p in CONFIGS}
     assert {"tiny_digits_ddpm", "tiny_digits_kl", "tiny_digits_vq", "tiny_digits_ldm", "tiny_digits_ldm_class",
-            "tiny_shapes_text", "gpu_folder64_kl_f4", "gpu_folder64_ldm_f4", "gpu_folder256_kl_f8",
+            "tiny_shapes_text", "tiny_shapes_kl", "gpu_folder64_kl_f4", "gpu_folder64_ldm_f4", "gpu_folder256_kl_f8",
             "gpu_folder256_ldm_f8"} <= names
 
 
@@ -72,6 +72,8 @@ def test_config_builds_its_networks(path):
 
 
 def test_tiny_autoencoder_extras_build():
+    shapes = load_config(Path(CONFIGS[0]).with_name("tiny_shapes_kl.py"))
+    assert FirstStageExtras.build(shapes, torch.device("cpu")).perceptual is not None
     config = load_config(Path(CONFIGS[0]).with_name("tiny_digits_kl.py"))
     extras = FirstStageExtras.build(config, torch.device("cpu"))
     assert extras.discriminator is not None and extras.logvar is not None and extras.perceptual is None
