@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the config's guidance; 1 = none)")
     s.add_argument("--label", type=int, default=None, help="class-conditional: draw this class (default 0..K-1 in turn)")
     s.add_argument("--prompt", default=None, help='text-conditional: a caption, e.g. "a big red star in the middle"')
-    e = sub.add_parser("evaluate", help="FID/KID of a digit diffusion model, or PSNR/SSIM of an autoencoder")
+    e = sub.add_parser("evaluate", help="FID/KID of a digit diffusion model, prompt accuracy of a text-to-image "
+                                        "shapes model, or PSNR/SSIM of an autoencoder")
     e.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
     e.add_argument("--n", type=int, default=500, help="samples for FID/KID (default 500, the digit test set)")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
@@ -138,6 +139,8 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, st
     reconstructions of the held-out images (autoencoder)."""
     from minildm.metrics import fid, kid, psnr, ssim
     from minildm.rundata import validation_images
+    if config.stage == "diffusion" and config.text is not None:
+        return _prompt_accuracy(net, config, first_stage, n, steps, seed, guidance)
     if config.stage == "diffusion":
         if config.data.source != "digits":
             raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
@@ -160,6 +163,30 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, st
         x_rec = torch.cat([(net(b, sample=False) if isinstance(net, AutoencoderKL) else net(b))[0]
                            for b in x.split(250)]).clamp(-1, 1)
     return {"psnr": psnr(x_rec, x).mean().item(), "ssim": ssim(x_rec, x).mean().item(), "n": len(x)}
+
+
+def _prompt_accuracy(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, steps: int, seed: int,
+                     guidance: float | None) -> dict:
+    """Text-to-image on the shapes: one sample per held-out caption (the first n of 1,000), and
+    the fraction whose shape, colour, size and position the shipped shapes classifier reads
+    as the caption says (lesson 07's prompt accuracy)."""
+    from minildm.data import ShapeLabels
+    from minildm.features import SHAPE_ATTRIBUTES, load_shapes_classifier, predict_attributes, prompt_accuracy
+    from minildm.rundata import held_out_shapes
+    from minildm.stages import sample_images
+    from minildm.text import Tokenizer
+    if config.data.image_size != 32:
+        raise ConfigError("prompt accuracy uses the shapes classifier, which reads 32 px images")
+    shapes = held_out_shapes(config)
+    n = min(n, len(shapes))
+    ids = Tokenizer(max_len=config.text.max_len)(shapes.captions[:n])[0]
+    scale = config.guidance if guidance is None else guidance
+    with torch.no_grad():
+        x = torch.cat([sample_images(net, config, len(c), c, scale, "ddim", steps, first_stage,
+                                     torch.Generator().manual_seed(seed + i)) for i, c in enumerate(ids.split(250))])
+    target = ShapeLabels(**{f: getattr(shapes.labels, f)[:n] for f in (*SHAPE_ATTRIBUTES, "background")})
+    accuracy = prompt_accuracy(predict_attributes(load_shapes_classifier(), x), target)
+    return {**{f"prompt_accuracy_{k}": v for k, v in accuracy.items()}, "n": n, "ddim_steps": steps, "guidance": scale}
 
 
 def main(argv: list[str] | None = None) -> int:

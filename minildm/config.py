@@ -100,6 +100,7 @@ class TrainConfig:
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
     bf16: bool = False  # bfloat16 autocast (CUDA; CPUs with AMX); the loss stays float32
     compile: bool = False  # torch.compile the network (minutes of warm-up, faster steps)
+    channels_last: bool = False  # NHWC memory layout for the network and its images (faster convs with bf16)
     tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs
     num_threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
     log_every: int = 10  # steps between lines of log.jsonl

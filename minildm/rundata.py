@@ -54,6 +54,11 @@ def _shapes(n: int, seed: int, size: int):
     return make_shapes(n, seed=seed, size=size)
 
 
+def held_out_shapes(config: TrainConfig):
+    """The held-out shapes (images, labels, captions): 1,000 of seed 1 (training uses seed 0)."""
+    return _shapes(1000, 1, config.data.image_size)
+
+
 def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.Dataset:
     """The training (or held-out) data; item i is a tuple (x,) or (x, cond):
 
@@ -71,7 +76,7 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
         x, y = load_digits(split, d.image_size)
         return torch.utils.data.TensorDataset(x, y) if labels else torch.utils.data.TensorDataset(x)
     if d.source == "shapes":
-        s = _shapes(d.shapes_count, 0, d.image_size) if split == "train" else _shapes(1000, 1, d.image_size)
+        s = _shapes(d.shapes_count, 0, d.image_size) if split == "train" else held_out_shapes(config)
         if not text:
             return torch.utils.data.TensorDataset(s.images)
         from minildm.text import Tokenizer

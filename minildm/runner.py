@@ -123,6 +123,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     net = build_model(config, latent_shape).to(r.device)
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    net = net.to(memory_format=layout)
     extras = FirstStageExtras.build(config, r.device)  # perceptual net, discriminator, logvar (or None)
     ema = EMA(net, config.ema_decay, config.ema_warmup) if config.ema_decay is not None else None
     params = list(net.parameters()) + ([extras.logvar] if extras.logvar is not None else [])
@@ -185,6 +187,7 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                 if encode_in_loop:  # an image folder of a latent run
                     x = encode(first_stage, x, torch.Generator(r.device).manual_seed(
                         seed_for(config.seed, step, a, r.rank, 2)))
+                x = x.contiguous(memory_format=layout)
                 last_micro = r.world == 1 or a == A - 1  # DDP: all-reduce the gradients only at the last
                 sync = nullcontext() if last_micro else model.no_sync()
                 sync_d = nullcontext() if last_micro or disc is D else disc.no_sync()

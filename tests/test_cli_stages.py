@@ -164,6 +164,10 @@ def test_text_conditional_run_and_prompt(cfg, tmp_path, capsys):
     assert main(["sample", str(run_dir), "--n", "2", "--prompt", "a big red star in the middle",
                  "--steps", "2", "--out", str(out)]) == 0
     assert Image.open(out).mode == "RGB"
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--n", "8", "--steps", "2"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["n"] == 8 and 0 <= scores["prompt_accuracy_all"] <= scores["prompt_accuracy_color"] <= 1
     fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'y'}", *TEXT, "--unet.context_dim=8"],
                "unet.context_dim=8 must equal text.dim=16")
 

@@ -141,7 +141,7 @@ def test_sample_command(base_run, tmp_path):
 
 
 def test_help_for_every_command(capsys):
-    for argv in (["--help"], ["train", "--help"], ["sample", "--help"], ["evaluate", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["sample", "--help"], ["evaluate", "--help"], ["plot", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -313,7 +313,7 @@ def test_full_disk_while_saving(cfg, tmp_path, capsys, monkeypatch):
 
 def test_bf16_accumulation_and_workers_run(cfg, tmp_path):
     run_dir = tmp_path / "opts"
-    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", "--bf16", "--optim.accumulate=2",
+    assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", "--bf16", "--channels_last", "--optim.accumulate=2",
                  "--data.num_workers=1", "--optim.grad_clip=None", "--ema_decay=None"]) == 0
     c = ckpt.read_checkpoint(run_dir)
     assert c.step == 2 and c.ema is None
