@@ -98,7 +98,10 @@ TEXT_UNET = UNetConfig(in_ch=4, out_ch=4, ch=32, ch_mult=(1, 2, 2), num_res_bloc
 T, PREDICTION, BATCH, LR, EMA_DECAY, P_UNCOND = 1000, "v", 64, 1e-3, 0.999, 0.1
 
 
-def build_ldm(seconds: float) -> None:
+def build_ldm(seconds: float, resume: bool = False) -> None:
+    """Train the text encoder and the latent UNet jointly for `seconds` of CPU time; with
+    `resume`, continue from the shipped file's EMA weights (a fresh optimizer, a new data order,
+    EMA without warm-up) and add the steps and seconds to its record."""
     data = make_shapes(N_TRAIN, seed=TRAIN_SEED)
     ae, _ = load_autoencoder(AE_PATH)
     t0 = time.perf_counter()
@@ -106,22 +109,32 @@ def build_ldm(seconds: float) -> None:
     encode_seconds = time.perf_counter() - t0
     tokenizer = Tokenizer(max_len=TEXT_CONFIG.max_len)
     ids, _ = tokenizer(data.captions)  # (20000, 10)
+    path = OUT / "ldm_shapes_text.pt"
+    phase = 0
     torch.manual_seed(0)
     model = TextConditionedUNet(UNet(TEXT_UNET), TextEncoder(TEXT_CONFIG), tokenizer.pad_id)
+    previous = {"steps": 0, "seconds": 0.0, "phases": [], "losses_every_10": []}
+    if resume:
+        loaded, previous = load_ldm(path)
+        model.load_state_dict(loaded.denoiser.state_dict())
+        previous.setdefault("phases", [{"steps": previous["steps"], "seconds": previous["seconds"], "seed": 0}])
+        phase = len(previous["phases"])
     ldm = LatentDiffusion(ae, model, cosine_schedule(T), PREDICTION)
-    ema = EMA(model, decay=EMA_DECAY, warmup=True)
-    log = train_denoiser(model, batches(z, ids, batch_size=BATCH, seed=0), ldm.schedule, 10**9, lr=LR,
+    ema = EMA(model, decay=EMA_DECAY, warmup=not resume)
+    log = train_denoiser(model, batches(z, ids, batch_size=BATCH, seed=phase), ldm.schedule, 10**9, lr=LR,
                          prediction=PREDICTION, bf16=True, ema=ema, max_seconds=seconds,
                          cond_dropout=P_UNCOND, null_cond=tokenizer.null_ids(), clock=time.process_time,
-                         generator=torch.Generator().manual_seed(0))
+                         generator=torch.Generator().manual_seed(phase))
     ema.copy_to(model)
-    path = OUT / "ldm_shapes_text.pt"
-    meta = {"dataset": f"make_shapes({N_TRAIN}, seed={TRAIN_SEED})", "steps": len(log.losses), "batch": BATCH,
-            "lr": LR, "ema_decay": EMA_DECAY, "p_uncond": P_UNCOND, "bf16": True, "seconds": round(log.seconds, 1),
+    phases = previous["phases"] + [{"steps": len(log.losses), "seconds": round(log.seconds, 1), "seed": phase}]
+    meta = {"dataset": f"make_shapes({N_TRAIN}, seed={TRAIN_SEED})", "steps": previous["steps"] + len(log.losses),
+            "batch": BATCH, "lr": LR, "ema_decay": EMA_DECAY, "p_uncond": P_UNCOND, "bf16": True,
+            "seconds": round(previous["seconds"] + log.seconds, 1), "clock": "time.process_time", "phases": phases,
             "encode_seconds": round(encode_seconds, 1), "scale_factor": float(ae.scale_factor),
-            "losses_every_10": log.losses[::10]}
+            "losses_every_10": previous["losses_every_10"] + log.losses[::10]}
     save_ldm(ldm, path, AE_PATH.name, **meta)
-    print(f"ldm: {len(log.losses)} steps in {log.seconds:.0f} s, {path.stat().st_size / 1e3:.0f} kB", flush=True)
+    print(f"ldm: {len(log.losses)} steps in {log.seconds:.0f} s (total {meta['steps']} steps, "
+          f"{meta['seconds']:.0f} s), {path.stat().st_size / 1e3:.0f} kB", flush=True)
 
 
 SCALES, N_SWEEP, SWEEP_STEPS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0), 500, 25
@@ -166,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("ae", "classifier", "ldm", "sweep"), required=True)
     parser.add_argument("--seconds", type=float, default=600.0, help="ldm: CPU-time training budget (one thread)")
+    parser.add_argument("--resume", action="store_true", help="ldm: continue training the shipped model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
@@ -177,7 +191,7 @@ def main() -> None:
     elif args.stage == "classifier":
         build_classifier()
     else:
-        build_ldm(args.seconds)
+        build_ldm(args.seconds, args.resume)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 
