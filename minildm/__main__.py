@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {_plot(args.run_dir, args.out, args.keys)}")
             return 0
         net, config, first_stage = _load_model(args.checkpoint, use_ema=not args.no_ema)
+        if config.num_threads is not None:  # the run's CPU threads (1 in the tiny configs)
+            torch.set_num_threads(config.num_threads)
         if args.command == "sample":
             from minildm.monitor import save_png
             with torch.no_grad():
