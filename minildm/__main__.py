@@ -106,6 +106,8 @@ def _conditions(config: TrainConfig, n: int, label: int | None, prompt: str | No
         return None
     if config.unet.num_classes is not None:
         K = config.unet.num_classes
+        if prompt is not None:
+            raise ConfigError("this model is class-conditional: use --label, not --prompt")
         if label is not None and not 0 <= label < K:
             raise ConfigError(f"--label={label}: this model knows the classes 0..{K - 1}")
         return torch.full((n,), label) if label is not None else torch.arange(n) % K
@@ -113,6 +115,8 @@ def _conditions(config: TrainConfig, n: int, label: int | None, prompt: str | No
         from minildm.monitor import sample_conditions
         from minildm.rundata import validation_batch
         from minildm.text import Tokenizer
+        if label is not None:
+            raise ConfigError("this model reads captions: use --prompt, not --label")
         if prompt is not None:
             return Tokenizer(max_len=config.text.max_len)([prompt] * n)[0]
         return sample_conditions(config, validation_batch(config, 1000)[1], n)

@@ -150,6 +150,7 @@ def test_class_conditional_run_and_guided_samples(cfg, tmp_path, capsys):
     assert main(["sample", str(run_dir), "--n", "2", "--label", "7", "--guidance", "3", "--steps", "2",
                  "--out", str(out)]) == 0
     fails_with(capsys, ["sample", str(run_dir), "--label", "12"], "--label=12", "0..9")
+    fails_with(capsys, ["sample", str(run_dir), "--prompt", "a red star"], "use --label, not --prompt")
     fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", "--unet.num_classes=10",
                         "--data.source=shapes", "--data.image_size=32", "--unet.image_size=8",
                         f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"], "digits only")
