@@ -20,7 +20,8 @@ config = TrainConfig(
     steps=400_000,
     run_dir="runs/folder256_ldm_f8",
     first_stage="runs/folder256_kl_f8",  # the run folder of stage 1 (its newest checkpoint)
-    data=DataConfig(source="folder", path=None, image_size=256, batch_size=96, num_workers=8),
+    data=DataConfig(source="folder", path=None, image_size=256, batch_size=96, num_workers=8,
+                    encode_once=True),  # the frozen encoder costs more per image than the UNet
     optim=OptimConfig(lr=1e-4, betas=(0.9, 0.999), warmup_steps=5_000, cosine=False, grad_clip=1.0),
     unet=UNetConfig(in_ch=4, out_ch=4, ch=192, ch_mult=(1, 2, 4), num_res_blocks=2,
                     attn_resolutions=(16, 8), heads=8, groups=32, image_size=32),

@@ -20,7 +20,8 @@ config = TrainConfig(
     steps=200_000,
     run_dir="runs/folder64_ldm_f4",
     first_stage="runs/folder64_kl_f4",  # the run folder of stage 1 (its newest checkpoint)
-    data=DataConfig(source="folder", path=None, image_size=64, batch_size=128, num_workers=8),
+    data=DataConfig(source="folder", path=None, image_size=64, batch_size=128, num_workers=8,
+                    encode_once=True),  # the frozen encoder costs more per image than the UNet
     optim=OptimConfig(lr=1e-4, betas=(0.9, 0.999), warmup_steps=1_000, cosine=False, grad_clip=1.0),
     unet=UNetConfig(in_ch=3, out_ch=3, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2,
                     attn_resolutions=(8, 4), heads=4, groups=32, image_size=16),

@@ -277,7 +277,8 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
     reads the first stage stored in its checkpoint (the same weights and factor, even if
     the file changed since). In-memory data (digits, shapes) is encoded once with
     `minildm.latent.encode_dataset` (one posterior sample per image, seeded); an image folder
-    is encoded batch by batch in the loop (`encode`, posterior noise seeded per rank)."""
+    is encoded batch by batch in the loop (`encode`, posterior noise seeded per rank), or
+    once here with data.encode_once (every rank encodes all of it, identically)."""
     from minildm.autoencoder import measure_scale_factor
     from minildm.latent import encode_dataset
     if saved is not None and "first_stage.pt" in saved.extra:
@@ -293,7 +294,14 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
             measure_scale_factor(first_stage, images, generator=torch.Generator(device).manual_seed(config.seed))
     first_stage = first_stage.to(device)
     shape = check_first_stage(first_stage, config)
+    g = torch.Generator(device).manual_seed(config.seed)
     if isinstance(dataset, torch.utils.data.TensorDataset):
-        z = encode_dataset(first_stage, dataset.tensors[0], generator=torch.Generator(device).manual_seed(config.seed))
+        z = encode_dataset(first_stage, dataset.tensors[0], generator=g)
         dataset = torch.utils.data.TensorDataset(z, *dataset.tensors[1:])
+    elif config.data.encode_once:  # a folder, read in file order by the loader's workers
+        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=config.data.num_workers)
+        it, z = iter(loader), []
+        for _ in tqdm(range(len(loader)), desc="encoding the folder once", disable=not config.progress):
+            z.append(encode(first_stage, next_batch(it)[0].to(device), g).cpu())
+        dataset = torch.utils.data.TensorDataset(torch.cat(z))  # (N, C, h, w) scaled latents
     return first_stage, shape, dataset

@@ -244,6 +244,13 @@ def test_latent_run_on_an_image_folder_encodes_in_the_loop(cfg, tmp_path):
                  "--data.image_size=32", "--unet.image_size=8",
                  f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"]) == 0
     assert Image.open(run_dir / "samples" / "step_000000002.png").size == (8 * 33 + 1, 33 + 1)
+    once = [f"--data.path={folder}", "--data.source=folder", "--data.image_size=32", "--unet.image_size=8",
+            f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}", "--data.encode_once", "--steps=2"]
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'once'}", *once]) == 0
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'again'}", *once]) == 0
+    same_run(tmp_path / "once", tmp_path / "again")  # the encoded folder is seeded: the same latents
+    a, b = ckpt.read_checkpoint(run_dir), ckpt.read_checkpoint(tmp_path / "once")
+    assert any(not torch.equal(a.model[k], b.model[k]) for k in a.model)  # other posterior samples
 
 
 def test_run_curves_read_both_logs(latent_run):
