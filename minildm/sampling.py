@@ -36,6 +36,13 @@ def timesteps(schedule: Schedule, steps: int) -> Tensor:
     return torch.linspace(schedule.T - 1, 0, steps, dtype=torch.float64).round().long()
 
 
+def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) noise shaped like x, drawn on the generator's device (a seeded CPU generator
+    then gives the same draws whether x is on the CPU or a GPU), moved to x's device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator).to(x.device)
+
+
 def _denoise(model: Denoiser, x: Tensor, t: Tensor, schedule: Schedule, prediction: Prediction,
              clip_x0: float | None) -> tuple[Tensor, Tensor]:
     """One network evaluation at (possibly fractional) index t: returns (x0_hat, eps_hat)."""
@@ -73,7 +80,7 @@ def sample_ddpm(
         if variance == "beta":
             var = torch.full_like(var, float(schedule.betas[t]))
         if t > 0:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = randn_like(x, generator)
             x = mean + torch.sqrt(var) * noise
         else:
             x = mean
@@ -112,7 +119,7 @@ def sample_ddim(
         s = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)) ** 0.5
         x = ab_next**0.5 * x0 + max(1 - ab_next - s**2, 0.0) ** 0.5 * eps
         if s > 0:
-            x = x + s * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x = x + s * randn_like(x, generator)
         if callback is not None:
             callback({"i": i, "t": t, "xt": x, "x0": x0})
     return x

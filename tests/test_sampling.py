@@ -114,3 +114,13 @@ def test_timesteps_span_the_chain():
     assert ts.tolist() == [99, 74, 50, 25, 0]
     with pytest.raises(ValueError, match="between 1 and T=100"):
         sampling.timesteps(s, 0)
+
+
+def test_noise_comes_from_the_generator_on_its_own_device():
+    """randn_like draws on the generator's device, so a seeded CPU generator gives the same
+    noise for data on any device (here: the draws equal torch.randn from the same seed)."""
+    x = torch.zeros(3, 2, 4, 4, dtype=torch.float64)
+    noise = sampling.randn_like(x, torch.Generator().manual_seed(7))
+    expected = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert noise.device == x.device and noise.dtype == x.dtype
+    torch.testing.assert_close(noise, expected, rtol=0, atol=0)
