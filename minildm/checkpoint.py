@@ -88,6 +88,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_atomic(obj: object, path: str | Path) -> None:
+    """torch.save `obj` (tensors, numbers, strings: what `torch.load(weights_only=True)` reads)
+    to a temporary file beside `path`, fsync it, then os.replace it onto `path`: a reader
+    (or a crash) never sees half a file, and an existing file stays intact until the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        _write_file(tmp, buffer.getvalue())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached, contiguous CPU copies that share no storage (safetensors refuses shared ones)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}

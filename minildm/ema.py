@@ -15,7 +15,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 
 
 class EMA:

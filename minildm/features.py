@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minildm.checkpoint import save_atomic
 from minildm.data import (COLORS, DATA_DIR, POSITIONS, SHAPES, SIZES, ShapeLabels, batches, load_digits,
                           make_shapes)
 
@@ -181,19 +181,6 @@ def train_digit_classifier(
 # -----------------------------------------------------------------------------
 # loading
 
-def _save_atomic(state: dict[str, Tensor], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def weights_path() -> Path:
     """The weights `load_digit_classifier` reads: data/digit_classifier.pt if shipped, else the
     cache file (which may not exist yet)."""
@@ -211,7 +198,7 @@ def load_digit_classifier(device: str | torch.device = "cpu") -> DigitClassifier
     path = weights_path()
     if not path.is_file():
         print(f"{DATA_DIR / WEIGHTS_FILE} not found: training the digit classifier once, caching it at {path}")
-        _save_atomic(train_digit_classifier().state_dict(), path)
+        save_atomic(train_digit_classifier().state_dict(), path)
     net = DigitClassifier()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net.requires_grad_(False)
@@ -349,7 +336,7 @@ if __name__ == "__main__":
     x_test, y_test = load_digits("test")
     acc = accuracy(net, x_test, y_test)
     out = DATA_DIR / WEIGHTS_FILE
-    _save_atomic(net.state_dict(), out)
+    save_atomic(net.state_dict(), out)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"trained in {seconds:.1f} s, {n_params} parameters; test accuracy {acc:.4f}; wrote {out} "
           f"({out.stat().st_size / 1024:.0f} KB)")

@@ -25,8 +25,6 @@ decode samples. `LatentDiffusion` holds the three pieces side by side (no subcla
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from minildm.autoencoder import AutoencoderKL, VQAutoencoder, load_autoencoder
+from minildm.checkpoint import save_atomic
 from minildm.diffusion import Prediction
 from minildm.guidance import guided
 from minildm.sampling import sample_ddim
@@ -85,11 +84,7 @@ def cached_latents(first_stage: FirstStage, images: Tensor, path: str | Path, ba
         if saved.get("fingerprint") == key and saved.get("seed") == seed:
             return saved["latents"]
     latents = encode_dataset(first_stage, images, batch_size, torch.Generator().manual_seed(seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:  # write then rename: a reader never sees half a file
-        torch.save({"fingerprint": key, "seed": seed, "latents": latents}, f)
-    os.replace(tmp, path)
+    save_atomic({"fingerprint": key, "seed": seed, "latents": latents}, path)
     return latents
 
 

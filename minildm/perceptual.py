@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minildm.checkpoint import save_atomic
 from minildm.data import DATA_DIR, PHOTO_NAMES, batches, photo_crops
-from minildm.features import _save_atomic, cache_dir
+from minildm.features import cache_dir
 
 WEIGHTS_FILE = "perceptual_net.pt"  # in data/ (shipped) or in the cache folder (fallback)
 ZOOMS = (1.0, 1.5, 2.0, 3.0, 4.0)  # the downscale factors of photo_crops; a class is (photo, zoom)
@@ -226,7 +227,7 @@ def load_perceptual_net(device: str | torch.device = "cpu", path: str | Path | N
         path = perceptual_weights_path()
     if not path.is_file():
         print(f"{DATA_DIR / WEIGHTS_FILE} not found: training the perceptual net once, caching it at {path}")
-        _save_atomic({k: v.half() for k, v in train_perceptual_net().state_dict().items()}, path)
+        save_atomic({k: v.half() for k, v in train_perceptual_net().state_dict().items()}, path)
     net = PerceptualNet()
     net.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()})
     return net.requires_grad_(False).eval().to(device)

@@ -154,3 +154,15 @@ def test_weights_of_another_model_shape_are_named(tmp_path):
     ckpt.load_weights(net, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, tmp_path)
     with pytest.raises(CheckpointError, match="does not fit the model.*size mismatch for weight"):
         ckpt.load_weights(net, {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, tmp_path)
+
+
+def test_save_atomic_round_trips_and_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = tmp_path / "sub" / "latents.pt"
+    ckpt.save_atomic({"latents": torch.arange(6.0), "seed": 3}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["latents"], torch.arange(6.0)) and loaded["seed"] == 3
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        ckpt.save_atomic({"f": lambda: 0}, path)  # a lambda cannot be pickled: torch.save fails
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latents.pt"]  # no temporary file left
