@@ -173,10 +173,25 @@ def training_loss(
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(x0, t, eps, schedule)
     pred = model(xt, t.to(x0.dtype))
+    p_t = p.cpu()[t.cpu()] if importance else None
+    return denoising_loss(pred, x0, eps, t, schedule, prediction, weighting, gamma, p_t)
+
+
+def denoising_loss(pred: Tensor, x0: Tensor, eps: Tensor, t: Tensor, schedule: Schedule,
+                   prediction: Prediction = "eps", weighting: Weighting = "simple", gamma: float = 5.0,
+                   p_t: Tensor | None = None) -> Tensor:
+    """mean_b w_t ||target_b - pred_b||^2 / dim for a prediction made at x_t = q_sample(x0, t, eps):
+    the regression at the heart of `training_loss`, for loops that draw t and eps themselves
+    (the command line's runner draws them for the global batch of all GPUs).
+
+    pred, x0, eps (B, ...); t (B,) indices; w_t from `weighting` (`minildm.weighting`), times
+    1 / (T p_t) if `p_t` (B,), the probabilities t was drawn with, is given (importance
+    sampling: the same objective in expectation). Computed in float32.
+    """
     err = (pred.float() - target(x0, eps, extract(schedule.alpha_bar, t, x0), prediction).float()).pow(2)
-    if weighting == "simple" and not importance:
+    if weighting == "simple" and p_t is None:
         return err.mean()
     w = loss_weight(schedule, t.cpu(), weighting, prediction, gamma)  # (B,)
-    if importance:
-        w = w / (schedule.T * p.cpu()[t.cpu()])
-    return (w.to(err.device, err.dtype) * err.reshape(B, -1).mean(1)).mean()
+    if p_t is not None:
+        w = w / (schedule.T * p_t)
+    return (w.to(err.device, err.dtype) * err.reshape(x0.shape[0], -1).mean(1)).mean()

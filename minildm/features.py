@@ -18,10 +18,12 @@ digits, like the fast.ai course's Fashion-MNIST FID. The recipe is fixed and see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +139,40 @@ def accuracy(net: DigitClassifier, x: Tensor, y: Tensor, batch_size: int = 500) 
     return correct / len(y)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one CPU thread (then restore the count): the feature nets' training
+    is then the same bit for bit whatever the machine's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_classifier(net: nn.Module, data: Iterator[tuple[Tensor, Tensor]], loss_fn: Callable[[Tensor, Tensor], Tensor],
+                   steps: int, lr: float, weight_decay: float, verbose: bool = False) -> nn.Module:
+    """The supervised loop every feature net of the project trains with: `steps` batches
+    (x, y) of `data`, loss_fn(x, y) (which calls the net), AdamW with a one-cycle learning rate
+    peaking at `lr` (Smith & Topin 2019). Returns the net in eval mode."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
+    t0 = time.perf_counter()
+    for step, (xb, yb) in enumerate(data):
+        if step == steps:
+            break
+        loss = loss_fn(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if verbose and (step + 1) % 250 == 0:
+            print(f"step {step + 1}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f} s", flush=True)
+    return net.eval()
+
+
 def train_digit_classifier(
     seed: int = 0,
     config: TrainConfig = TrainConfig(),
@@ -152,30 +188,14 @@ def train_digit_classifier(
     may move by a few tenths of a percent. The test split is never used; data/README.md records
     the accuracy the defaults reach on it. Returns the net in eval mode.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(seed)  # the initial weights and dropout
         g = torch.Generator().manual_seed(seed + 1)  # the augmentation
         x, y = load_digits("train", size=32)  # (4500, 1, 32, 32), (4500,)
         net = DigitClassifier(net_config)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-        net.train()
-        t0 = time.perf_counter()
-        for step, (xb, yb) in enumerate(batches(x, y, batch_size=config.batch_size, seed=seed)):
-            if step == config.steps:
-                break
-            loss = F.cross_entropy(net(random_affine(xb, config, g)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if verbose and (step + 1) % 250 == 0:
-                print(f"step {step + 1}/{config.steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f} s")
-    finally:
-        torch.set_num_threads(threads)
-    return net.eval()
+        return fit_classifier(net, batches(x, y, batch_size=config.batch_size, seed=seed),
+                              lambda xb, yb: F.cross_entropy(net(random_affine(xb, config, g)), yb),
+                              config.steps, config.lr, config.weight_decay, verbose)
 
 
 # -----------------------------------------------------------------------------
@@ -267,9 +287,7 @@ def train_shapes_classifier(seed: int = 0, steps: int = 2000, batch_size: int = 
     drawn by that decoder, slightly softer than the renderer's shapes; a classifier that has
     only seen crisp shapes misreads soft ones (a blurred small star as a square), which would
     count as the diffusion model's error. Its accuracy on reconstructions is the ceiling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(seed)
         data = make_shapes(n_train, seed=seed + 100)
         x = data.images  # (N, 3, 32, 32)
@@ -280,23 +298,13 @@ def train_shapes_classifier(seed: int = 0, steps: int = 2000, batch_size: int = 
                                  for xb in x.split(500)])
             x, y = torch.cat([x, rec]), torch.cat([y, y])  # (2N, ...)
         net = ShapesClassifier()
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        net.train()
-        for step, (xb, yb) in enumerate(batches(x, y, batch_size=batch_size, seed=seed)):
-            if step == steps:
-                break
+
+        def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:  # the four heads' cross-entropies, summed
             logits = net(xb)
-            loss = sum(F.cross_entropy(logits[a], yb[:, i]) for i, a in enumerate(SHAPE_ATTRIBUTES))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if verbose and (step + 1) % 250 == 0:
-                print(f"step {step + 1}/{steps}  loss {loss.item():.4f}", flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    return net.eval()
+            return sum(F.cross_entropy(logits[a], yb[:, i]) for i, a in enumerate(SHAPE_ATTRIBUTES))
+
+        return fit_classifier(net, batches(x, y, batch_size=batch_size, seed=seed), loss_fn, steps, lr,
+                              5e-4, verbose)
 
 
 def load_shapes_classifier(device: str | torch.device = "cpu") -> ShapesClassifier:

@@ -168,6 +168,27 @@ def total_loss(terms: Mapping[str, Tensor], config: FirstStageLoss,
     return reconstruction_nll(terms, config, logvar) + rest
 
 
+def adversarial_weight(terms: dict[str, Tensor], x_rec: Tensor, discriminator: nn.Module,
+                       last_layer: Tensor, config: FirstStageLoss, logvar: Tensor | None = None) -> Tensor:
+    """The generator's side of VQGAN's Eq. 7: add terms["g_adv"] = L_GAN(D(x_rec)), with D
+    frozen (gradients reach x_rec, not D), and return lambda, the adaptive weight of
+    `minildm.losses.adaptive_weight` at `last_layer`; the term's weight is disc_weight * lambda."""
+    discriminator.requires_grad_(False)
+    terms["g_adv"] = generator_loss(discriminator(x_rec).float(), config.gan_loss)
+    discriminator.requires_grad_(True)
+    return adaptive_weight(reconstruction_nll(terms, config, logvar), terms["g_adv"], last_layer,
+                           config.adaptive_delta, config.adaptive_max)
+
+
+def discriminator_terms(discriminator: nn.Module, x: Tensor, x_rec: Tensor, config: FirstStageLoss
+                        ) -> dict[str, Tensor]:
+    """The discriminator's side: "d_loss" on the real batch x and the detached reconstruction,
+    and the mean logits "logits_real", "logits_fake" (detached, for the log)."""
+    logits_real, logits_fake = discriminator(x).float(), discriminator(x_rec.detach()).float()
+    return {"d_loss": discriminator_loss(logits_real, logits_fake, config.gan_loss),
+            "logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
+
+
 @dataclass
 class FirstStageLog:
     """What `train_first_stage` measured: per step, every unweighted term, the weighted
@@ -258,14 +279,10 @@ def train_first_stage(
             terms, x_rec, aux = first_stage_terms(model, x, config, generator, perceptual)
             for name, (_, fn) in extra_terms.items():
                 terms[name] = fn(x, x_rec).float()
-            if gan_on:  # D frozen in the generator's pass: gradients reach x_rec, not D
-                discriminator.requires_grad_(False)
-                terms["g_adv"] = generator_loss(discriminator(x_rec).float(), config.gan_loss)
-                discriminator.requires_grad_(True)
+            if gan_on:
+                lam = adversarial_weight(terms, x_rec, discriminator, last_layer, config, logvar)
         weights = dict(extra_weights)
         if gan_on:
-            lam = adaptive_weight(reconstruction_nll(terms, config, logvar), terms["g_adv"], last_layer,
-                                  config.adaptive_delta, config.adaptive_max)
             weights["g_adv"] = config.disc_weight * lam
         loss = total_loss(terms, config, weights, logvar)
         opt.zero_grad(set_to_none=True)
@@ -284,14 +301,11 @@ def train_first_stage(
             values.update(dict.fromkeys(("g_adv", "lambda", "d_loss", "logits_real", "logits_fake"), 0.0))
         if gan_on:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits_real = discriminator(x).float()
-                logits_fake = discriminator(x_rec.detach()).float()
-            d_loss = discriminator_loss(logits_real, logits_fake, config.gan_loss)
+                d_terms = discriminator_terms(discriminator, x, x_rec, config)
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            d_terms["d_loss"].backward()
             opt_d.step()
-            values.update({"lambda": lam.item(), "d_loss": d_loss.item(),
-                           "logits_real": logits_real.mean().item(), "logits_fake": logits_fake.mean().item()})
+            values.update({"lambda": lam.item(), **{k: v.item() for k, v in d_terms.items()}})
         if after_step is not None:
             values.update(after_step(step, x, x_rec.detach()) or {})
         log.append(values)

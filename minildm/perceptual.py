@@ -31,7 +31,6 @@ No ImageNet weights can be downloaded here, so the feature network is pluggable:
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 
 from minildm.checkpoint import save_atomic
 from minildm.data import DATA_DIR, PHOTO_NAMES, batches, photo_crops
-from minildm.features import cache_dir
+from minildm.features import cache_dir, fit_classifier, one_thread
 
 WEIGHTS_FILE = "perceptual_net.pt"  # in data/ (shipped) or in the cache folder (fallback)
 ZOOMS = (1.0, 1.5, 2.0, 3.0, 4.0)  # the downscale factors of photo_crops; a class is (photo, zoom)
@@ -183,29 +182,13 @@ def train_perceptual_net(seed: int = 0, config: PerceptualTrainConfig = Perceptu
     """Train a PerceptualNet to classify (photo, zoom) of `zoom_dataset(n_per_class, seed=seed)`
     crops (random horizontal flips come from photo_crops), deterministically: cross-entropy,
     AdamW with a one-cycle learning rate, one CPU thread, seeded by `seed`. Returns it in eval mode."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(seed)
         x, y = zoom_dataset(config.n_per_class, seed=seed)
         net = PerceptualNet(net_config)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-        t0 = time.perf_counter()
-        for step, (xb, yb) in enumerate(batches(x, y, batch_size=config.batch_size, seed=seed)):
-            if step == config.steps:
-                break
-            loss = F.cross_entropy(net.logits(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if verbose and (step + 1) % 250 == 0:
-                print(f"step {step + 1}/{config.steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f} s",
-                      flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    return net.eval()
+        return fit_classifier(net, batches(x, y, batch_size=config.batch_size, seed=seed),
+                              lambda xb, yb: F.cross_entropy(net.logits(xb), yb),
+                              config.steps, config.lr, config.weight_decay, verbose)
 
 
 def perceptual_weights_path() -> Path:

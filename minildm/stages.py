@@ -32,14 +32,13 @@ from minildm import checkpoint as ckpt
 from minildm.autoencoder import (AutoencoderKL, VQAutoencoder, VQAutoencoderConfig, load_autoencoder,
                                  save_autoencoder)
 from minildm.config import ConfigError, TrainConfig, from_dict
-from minildm.diffusion import extract, q_sample, target
+from minildm.diffusion import denoising_loss, q_sample
 from minildm.distributed import Rank
-from minildm.firststage import first_stage_terms, total_loss
+from minildm.firststage import adversarial_weight, discriminator_terms, first_stage_terms, total_loss
 from minildm.guidance import expand_null
 from minildm.latent import null_condition
 from minildm.rundata import channels_of
 from minildm.schedules import Schedule, cosine_schedule, linear_schedule
-from minildm.weighting import loss_weight
 
 FirstStage = AutoencoderKL | VQAutoencoder  # frozen, with its measured scale_factor
 
@@ -193,11 +192,7 @@ def diffusion_terms(model: nn.Module, x0: Tensor, cond: Tensor | None, null: Ten
         if d.cond_drop > 0:
             cond = drop_cond(cond, null, d.cond_drop, g, r)
         pred = model(xt, t.to(x0.dtype), cond)
-    err = (pred.float() - target(x0, eps, extract(schedule.alpha_bar, t, x0), d.prediction).float()).pow(2)
-    if d.weighting == "simple":
-        return {"loss": err.mean()}
-    w = loss_weight(schedule, t.cpu(), d.weighting, d.prediction).to(err.device, err.dtype)  # (m,)
-    return {"loss": (w * err.reshape(m, -1).mean(1)).mean()}
+    return {"loss": denoising_loss(pred, x0, eps, t, schedule, d.prediction, d.weighting)}
 
 
 @dataclass
@@ -254,32 +249,21 @@ def autoencoder_terms(model: nn.Module, net: nn.Module, x: Tensor, config: Train
     detached in D's), so one backward of their sum equals VQGAN's two separate steps.
     `model` may be a DDP or compiled wrapper of `net`; `disc` of extras.discriminator.
     Through a wrapper the KL posterior samples from torch's generator (reseeded per step)."""
-    from minildm.firststage import reconstruction_nll
-    from minildm.losses import adaptive_weight, discriminator_loss, generator_loss
     lo = config.loss
     D = extras.discriminator
     terms, x_rec, _ = first_stage_terms(model, x, lo, g, extras.perceptual)
     weights: dict[str, Tensor] = {}
-    if D is not None:
-        zero = x.new_zeros((), dtype=torch.float32)
-        if gan_on:
-            D.requires_grad_(False)  # the generator's pass: gradients reach x_rec, not D
-            terms["g_adv"] = generator_loss(D(x_rec).float(), lo.gan_loss)
-            D.requires_grad_(True)
-            lam = adaptive_weight(reconstruction_nll(terms, lo, extras.logvar), terms["g_adv"],
-                                  net.decoder.conv_out.weight, lo.adaptive_delta, lo.adaptive_max)
-            weights["g_adv"] = lo.disc_weight * lam
+    if D is not None and gan_on:
+        lam = adversarial_weight(terms, x_rec, D, net.decoder.conv_out.weight, lo, extras.logvar)
+        weights["g_adv"] = lo.disc_weight * lam
     terms["loss"] = total_loss(terms, lo, weights, extras.logvar)
     if D is not None:
-        if not gan_on:  # logged as 0 before disc_start, as train_first_stage does
-            terms["g_adv"] = lam = zero
-        terms["lambda"] = lam
         if gan_on:
-            logits_real, logits_fake = (disc or D)(x).float(), (disc or D)(x_rec.detach()).float()
-            terms["d_loss"] = discriminator_loss(logits_real, logits_fake, lo.gan_loss)
-            terms["logits_real"], terms["logits_fake"] = logits_real.mean().detach(), logits_fake.mean().detach()
-        else:
-            terms["d_loss"] = terms["logits_real"] = terms["logits_fake"] = zero
+            terms["lambda"] = lam
+            terms.update(discriminator_terms(disc or D, x, x_rec, lo))
+        else:  # logged as 0 before disc_start, as train_first_stage does
+            zero = x.new_zeros((), dtype=torch.float32)
+            terms.update(dict.fromkeys(("g_adv", "lambda", "d_loss", "logits_real", "logits_fake"), zero))
     if extras.logvar is not None:
         terms["logvar"] = extras.logvar.detach().float()
     return terms
