@@ -41,14 +41,24 @@ def expand_null(null_cond: Tensor, cond: Tensor) -> Tensor:
     return null_cond.expand_as(cond)
 
 
-def drop_condition(cond: Tensor, null_cond: Tensor, p: float,
-                   generator: torch.Generator | None = None) -> Tensor:
+def drop_condition(cond: Tensor, null_cond: Tensor, p: float, generator: torch.Generator | None = None,
+                   *, rank: int = 0, world: int = 1) -> Tensor:
     """Replace each sample's condition by the null one with probability p (Ho & Salimans 2022,
-    Algorithm 1, p_uncond; they found 0.1-0.2 best). cond (B, ...) -> (B, ...)."""
+    Algorithm 1, p_uncond; they found 0.1-0.2 best). cond (B, ...) -> (B, ...).
+
+    The coin flips are drawn on the generator's device. In data-parallel training each of
+    `world` processes holds B rows of a global batch of world * B: every process draws the
+    flips of the whole global batch from the same generator and keeps its own rows
+    (`rank`), so which rows are dropped does not depend on the number of processes.
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"the condition dropout rate must be in [0, 1], got {p}")
-    drop = torch.rand(cond.shape[0], generator=generator).to(cond.device) < p  # (B,)
-    drop = drop.reshape(-1, *([1] * (cond.ndim - 1)))  # (B, 1, ..., 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world), got rank={rank}, world={world}")
+    B = cond.shape[0]
+    device = generator.device if generator is not None else cond.device
+    flips = torch.rand(B * world, generator=generator, device=device)[rank * B:(rank + 1) * B]  # (B,)
+    drop = (flips < p).to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))  # (B, 1, ..., 1)
     return torch.where(drop, expand_null(null_cond, cond), cond)
 
 

@@ -35,7 +35,7 @@ from minildm.config import ConfigError, TrainConfig, from_dict
 from minildm.diffusion import denoising_loss, q_sample
 from minildm.distributed import Rank
 from minildm.firststage import adversarial_weight, discriminator_terms, first_stage_terms, total_loss
-from minildm.guidance import expand_null
+from minildm.guidance import drop_condition, expand_null
 from minildm.latent import null_condition
 from minildm.rundata import channels_of
 from minildm.schedules import Schedule, cosine_schedule, linear_schedule
@@ -95,16 +95,6 @@ def make_schedule(config: TrainConfig) -> Schedule:
 def null_cond_like(net: nn.Module, cond: Tensor) -> Tensor:
     """`minildm.latent.null_condition` of the (unwrapped) network, one per row of cond."""
     return expand_null(null_condition(net), cond)
-
-
-def drop_cond(cond: Tensor, null: Tensor, p: float, g: torch.Generator, r: Rank) -> Tensor:
-    """Replace each row of cond by the row of `null` with probability p (classifier-free
-    guidance's training, Ho & Salimans 2022, Algorithm 1, as `minildm.guidance.drop_condition`),
-    but drawn for the global batch from g (on the run's device) and sliced to this rank's
-    rows, so that the rows dropped do not depend on the number of processes."""
-    m = cond.shape[0]
-    drop = torch.rand(m * r.world, device=cond.device, generator=g)[r.rank * m:(r.rank + 1) * m] < p  # (m,)
-    return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def diffusion_terms(model: nn.Module, x0: Tensor, cond: Tensor | None, null: Ten
         pred = model(xt, t.to(x0.dtype))
     else:
         if d.cond_drop > 0:
-            cond = drop_cond(cond, null, d.cond_drop, g, r)
+            cond = drop_condition(cond, null, d.cond_drop, g, rank=r.rank, world=r.world)
         pred = model(xt, t.to(x0.dtype), cond)
     return {"loss": denoising_loss(pred, x0, eps, t, schedule, d.prediction, d.weighting)}
 

@@ -16,8 +16,6 @@ from minildm import checkpoint as ckpt
 from minildm.__main__ import main
 from minildm.autoencoder import load_autoencoder, measure_scale_factor
 from minildm.data import DATA_DIR, load_digits
-from minildm.distributed import Rank
-from minildm.stages import drop_cond
 
 AE = DATA_DIR / "checkpoints" / "ae_digits_f4.pt"  # KL f=4, 28x28x1 -> 7x7x4
 
@@ -129,18 +127,6 @@ def test_latent_resume_is_exact(latent_run, cfg, tmp_path):
 
 # ----------------------------------------------------------------------------------------
 # conditioning
-
-def test_condition_dropout_is_drawn_for_the_global_batch():
-    cond = torch.arange(8)
-    null = torch.full_like(cond, 10)
-    one = drop_cond(cond, null, 0.5, torch.Generator().manual_seed(3), Rank(0, 1, torch.device("cpu")))
-    ranks = [drop_cond(cond[4 * r:4 * r + 4], null[:4], 0.5, torch.Generator().manual_seed(3),
-                       Rank(r, 2, torch.device("cpu"))) for r in range(2)]
-    assert torch.equal(torch.cat(ranks), one)  # two GPUs drop the rows that one GPU drops
-    assert 0 < (one == 10).sum() < 8
-    assert torch.equal(drop_cond(cond, null, 0.0, torch.Generator(), Rank(0, 1, torch.device("cpu"))), cond)
-    assert torch.equal(drop_cond(cond, null, 1.0, torch.Generator(), Rank(0, 1, torch.device("cpu"))), null)
-
 
 def test_class_conditional_run_and_guided_samples(cfg, tmp_path, capsys):
     run_dir = tmp_path / "cls"

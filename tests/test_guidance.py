@@ -93,6 +93,22 @@ def test_condition_dropout_on_token_sequences_drops_whole_captions():
     assert torch.equal(out[~empty], ids[~empty])
 
 
+def test_condition_dropout_is_drawn_for_the_global_batch():
+    """Data-parallel training: two processes with 4 rows each drop the rows one process with
+    all 8 drops, given the same generator state."""
+    cond = torch.arange(8)
+    null = torch.tensor(10)
+    one = drop_condition(cond, null, 0.5, torch.Generator().manual_seed(3))
+    ranks = [drop_condition(cond[4 * r:4 * r + 4], null, 0.5, torch.Generator().manual_seed(3), rank=r, world=2)
+             for r in range(2)]
+    assert torch.equal(torch.cat(ranks), one)
+    assert 0 < (one == 10).sum() < 8
+    assert torch.equal(drop_condition(cond, null, 0.0, torch.Generator()), cond)
+    assert torch.equal(drop_condition(cond, null, 1.0, torch.Generator()), torch.full_like(cond, 10))
+    with pytest.raises(ValueError, match="rank must be"):
+        drop_condition(cond, null, 0.5, rank=2, world=2)
+
+
 def test_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         drop_condition(torch.zeros(3), torch.tensor(0.0), 1.5)

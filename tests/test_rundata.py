@@ -3,7 +3,6 @@
 from itertools import islice
 
 import pytest
-import torch
 
 from minildm.data import DataError
 from minildm.rundata import ResumableBatches
