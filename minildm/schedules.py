@@ -135,6 +135,26 @@ class Schedule:
         lam_t = torch.lerp(lam[lo], lam[hi], frac)
         return torch.sigmoid(lam_t)  # alpha_bar = sigmoid(log SNR)
 
+    def t_of_sigma(self, sigma: Tensor) -> Tensor:
+        """The fractional index t whose noise level is sigma: the inverse of `alpha_bar_at`
+        through sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = exp(-log SNR_t / 2), float64,
+        same shape as sigma. sigma must lie within [sigmas[0], sigmas[T-1]].
+
+        Samplers with their own noise levels (EDM's sigma spacing) use it to ask the network
+        at the matching t; log-SNR is linear between integer steps, so this is exact.
+        """
+        lam = self.log_snr.to(sigma.device)  # (T,), decreasing in t
+        target = -2 * torch.log(sigma.to(torch.float64))  # log SNR = -2 log sigma
+        lo_s, hi_s = float(self.sigmas[0]), float(self.sigmas[-1])
+        if (sigma < lo_s * (1 - 1e-9)).any() or (sigma > hi_s * (1 + 1e-9)).any():
+            raise ValueError(f"sigma must lie within the schedule's noise levels [{lo_s:.4g}, {hi_s:.4g}]")
+        if self.T == 1:
+            return torch.zeros_like(target)
+        # lo: the last index whose log SNR is >= target (searchsorted on the increasing -lam)
+        lo = (torch.searchsorted(-lam, -target.contiguous(), right=True) - 1).clamp(0, self.T - 2)
+        frac = (lam[lo] - target) / (lam[lo] - lam[lo + 1])
+        return lo.to(torch.float64) + frac.clamp(0, 1)
+
 
 def betas_from_alpha_bar(alpha_bar_fn: Callable[[Tensor], Tensor], T: int, max_beta: float = 0.999) -> Tensor:
     """Discretise a continuous alpha_bar(t) into T betas (improved DDPM, section 3.2).
