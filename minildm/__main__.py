@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
-    s.add_argument("--sampler", choices=("ddim", "ddpm", "heun"), default="ddim", help="default ddim")
-    s.add_argument("--steps", type=int, default=50, help="sampler steps for ddim / heun (default 50)")
+    s.add_argument("--sampler", choices=("ddim", "ddpm", "heun", "heun_edm"), default="ddim",
+                   help="default ddim; heun_edm: Heun at EDM's noise levels (rho = 7)")
+    s.add_argument("--steps", type=int, default=50, help="sampler steps for ddim / heun / heun_edm (default 50)")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--guidance", type=float, default=None,

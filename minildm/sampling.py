@@ -41,7 +41,8 @@ def edm_sigmas(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: floa
 
         sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
 
-    evenly spaced in sigma^(1/rho), which crowds the steps at low noise, where the image's
+    evenly spaced in sigma^(1/rho): each step shrinks sigma by a similar factor, and compared
+    with even steps in sigma, rho > 1 shortens the steps at low noise, where the image's
     detail forms (rho = 7 in EDM). sigma_min is the schedule's smallest noise level (t = 0);
     sigma_max is EDM's 80, or the schedule's largest if that is smaller. Beyond sigma = 80 an
     image in [-1, 1] is lost in the noise (its std is 80), so starting there skips nothing.

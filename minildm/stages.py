@@ -273,9 +273,10 @@ def sample_images(net: nn.Module, config: TrainConfig, n: int, cond: Tensor | No
     latents are not clipped, their range is not [-1, 1]."""
     from minildm.latent import LatentDiffusion
     from minildm.sampling import sample_ddim, sample_ddpm, sample_heun
-    samplers = {"ddim": sample_ddim, "ddpm": sample_ddpm, "heun": sample_heun}
+    samplers = {"ddim": sample_ddim, "ddpm": sample_ddpm, "heun": sample_heun,
+                "heun_edm": functools.partial(sample_heun, rho=7.0)}  # EDM's noise levels
     if sampler not in samplers:
-        raise ConfigError(f"unknown sampler {sampler!r}; use ddim, ddpm or heun")
+        raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(samplers)}")
     fn = samplers[sampler] if first_stage is not None else functools.partial(samplers[sampler], clip_x0=1.0)
     schedule = make_schedule(config)
     ldm = LatentDiffusion(first_stage, net, schedule, config.diffusion.prediction)

@@ -138,6 +138,7 @@ def test_sample_command(base_run, tmp_path):
     assert main(["sample", str(base_run), "--n", "6", "--out", str(out), "--steps", "3"]) == 0
     assert Image.open(out).size == (8 * 29 + 1, 1 * 29 + 1)
     assert main(["sample", str(base_run), "--n", "2", "--out", str(out), "--sampler", "heun", "--steps", "2"]) == 0
+    assert main(["sample", str(base_run), "--n", "2", "--out", str(out), "--sampler", "heun_edm", "--steps", "2"]) == 0
 
 
 def test_help_for_every_command(capsys):
