@@ -44,6 +44,8 @@ class DataConfig:
     source: Literal["digits", "folder", "shapes"] = "digits"  # shipped MNIST digits (1 channel, labels),
     # your images (3 channels), or make_shapes' procedural shapes (3 channels, captions)
     path: str | None = None  # the image folder when source="folder", searched recursively
+    class_subfolders: bool = False  # source="folder": each subfolder of path is a class (sorted names
+    # -> labels 0..K-1, as torchvision's ImageFolder); for class-conditional runs, with unet.num_classes=K
     shapes_count: int = 10_000  # source="shapes": images generated for training (seed 0; held-out: seed 1)
     image_size: int = 32  # side of the square images; digits: 28 or 32
     batch_size: int = 64  # the global batch of one optimizer step, over all GPUs and accumulation

@@ -347,18 +347,38 @@ def list_images(path: str | Path) -> list[Path]:
 class ImageFolder(torch.utils.data.Dataset):
     """Lazily read images under `root` (recursively, sorted): item i is (3, size, size) float32
     in [-1, 1], resized so the shorter side is `size` and centre-cropped. For data too big for
-    memory: ``DataLoader(ImageFolder(root, 256), batch_size=64, shuffle=True, num_workers=8)``."""
+    memory: ``DataLoader(ImageFolder(root, 256), batch_size=64, shuffle=True, num_workers=8)``.
 
-    def __init__(self, root: str | Path, size: int):
-        self.root = Path(root)
+    class_subfolders=True reads each immediate subfolder of `root` as one class, as
+    torchvision's ImageFolder does: `classes` holds their names, sorted, and item i is
+    (image, label) with label the class index, a () int64 tensor. Every image must then lie
+    inside a class folder (at any depth below it).
+    """
+
+    def __init__(self, root: str | Path, size: int, class_subfolders: bool = False):
+        self.root = Path(root).expanduser()
         self.size = size
         self.files = list_images(root)
+        self.classes: list[str] = []
+        self.labels: list[int] = []
+        if class_subfolders:
+            loose = [f for f in self.files if f.parent == self.root]
+            if loose:
+                raise DataError(f"{loose[0]} is not inside a class folder; with class subfolders every image "
+                                f"goes in {self.root}/<class name>/ (found {len(loose)} loose)")
+            names = [f.relative_to(self.root).parts[0] for f in self.files]
+            self.classes = sorted(set(names))
+            index = {name: k for k, name in enumerate(self.classes)}
+            self.labels = [index[name] for name in names]
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return _read_image(self.files[i], self.size)  # (3, size, size)
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
+        x = _read_image(self.files[i], self.size)  # (3, size, size)
+        if not self.classes:
+            return x
+        return x, torch.tensor(self.labels[i])
 
 
 def image_folder(path: str | Path, size: int) -> Tensor:

@@ -64,7 +64,8 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
 
         digits  x (1, S, S); cond its class label () long if unet.num_classes is set
         shapes  x (3, S, S); cond the caption's token ids (text.max_len,) long if text is set
-        folder  x (3, S, S) read from disk (DataError if the folder is missing or empty)
+        folder  x (3, S, S) read from disk (DataError if the folder is missing or empty);
+                cond its class label () long if unet.num_classes is set (data.class_subfolders)
 
     The held-out split: the digits' test split; 1,000 shapes of seed 1; the folder itself."""
     d = config.data
@@ -84,7 +85,17 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
         return torch.utils.data.TensorDataset(s.images, ids)
     if d.path is None:
         raise ConfigError("data.source=folder needs data.path: --data.path=/path/to/images")
-    return ImageFolder(d.path, d.image_size)
+    if d.class_subfolders and config.stage == "diffusion" and not labels:
+        raise ConfigError("data.class_subfolders=true gives class labels but the UNet takes none; "
+                          "set --unet.num_classes to the number of class subfolders")
+    if labels and not d.class_subfolders:
+        raise ConfigError(f"unet.num_classes={config.unet.num_classes} needs labels: put each class's images "
+                          "in a subfolder of data.path and set --data.class_subfolders=true")
+    folder = ImageFolder(d.path, d.image_size, class_subfolders=labels)
+    if labels and len(folder.classes) != config.unet.num_classes:
+        raise ConfigError(f"{d.path} has {len(folder.classes)} class subfolders but unet.num_classes="
+                          f"{config.unet.num_classes}; set --unet.num_classes={len(folder.classes)}")
+    return folder
 
 
 def next_batch(it) -> list[Tensor]:

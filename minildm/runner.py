@@ -300,8 +300,11 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
         dataset = torch.utils.data.TensorDataset(z, *dataset.tensors[1:])
     elif config.data.encode_once:  # a folder, read in file order by the loader's workers
         loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=config.data.num_workers)
-        it, z = iter(loader), []
+        it, z, labels = iter(loader), [], []
         for _ in tqdm(range(len(loader)), desc="encoding the folder once", disable=not config.progress):
-            z.append(encode(first_stage, next_batch(it)[0].to(device), g).cpu())
-        dataset = torch.utils.data.TensorDataset(torch.cat(z))  # (N, C, h, w) scaled latents
+            x, *y = next_batch(it)
+            z.append(encode(first_stage, x.to(device), g).cpu())
+            labels += y
+        # (N, C, h, w) scaled latents, and (N,) class labels for a class-conditional run
+        dataset = torch.utils.data.TensorDataset(torch.cat(z), *([torch.cat(labels)] if labels else []))
     return first_stage, shape, dataset

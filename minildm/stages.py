@@ -58,8 +58,9 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, int, int] | None =
         if u.image_size != size:
             raise ConfigError(f"unet.image_size={u.image_size}, but {where} side {size}; "
                               f"set --unet.image_size={size}")
-        if u.num_classes is not None and config.data.source != "digits":
-            raise ConfigError("unet.num_classes: class labels come with data.source=digits only")
+        if u.num_classes is not None and config.data.source == "shapes":
+            raise ConfigError("unet.num_classes: class labels come with data.source=digits, or a folder "
+                              "with data.class_subfolders; the shapes come with captions (text=...)")
         if config.text is not None:
             from minildm.text import TextConditionedUNet, TextEncoder, Tokenizer
             if config.data.source != "shapes":

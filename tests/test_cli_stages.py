@@ -139,7 +139,35 @@ def test_class_conditional_run_and_guided_samples(cfg, tmp_path, capsys):
     fails_with(capsys, ["sample", str(run_dir), "--prompt", "a red star"], "use --label, not --prompt")
     fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", "--unet.num_classes=10",
                         "--data.source=shapes", "--data.image_size=32", "--unet.image_size=8",
-                        f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"], "digits only")
+                        f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}"], "class_subfolders")
+
+
+def test_class_conditional_run_on_an_image_folder_of_class_subfolders(cfg, tmp_path, capsys):
+    """Each subfolder of data.path is a class (sorted names -> 0..K-1): labels reach the UNet
+    whether the folder is encoded in the loop or once, and a wrong setup is one clear line."""
+    folder = tmp_path / "imgs"
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(["cats", "dogs"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(32, 32, 3, generator=g) * 127 + 128 * k).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    base = ["--data.source=folder", f"--data.path={folder}", "--data.image_size=32", "--unet.image_size=8",
+            f"--first_stage={DATA_DIR / 'checkpoints' / 'ae_photos_f4.pt'}", "--steps=2"]
+    cls = ["--data.class_subfolders=true", "--unet.num_classes=2"]
+    for name, extra in [("loop", []), ("once", ["--data.encode_once"])]:
+        assert main(["train", cfg, f"--run_dir={tmp_path / name}", *base, *cls, *extra]) == 0
+    assert main(["sample", str(tmp_path / "once"), "--n", "2", "--label", "1", "--steps", "2",
+                 "--out", str(tmp_path / "dogs.png")]) == 0
+    fails_with(capsys, ["sample", str(tmp_path / "once"), "--label", "2"], "--label=2", "0..1")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *base, "--unet.num_classes=2"],
+               "--data.class_subfolders=true")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *base, "--data.class_subfolders=true"],
+               "--unet.num_classes")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *base, *cls, "--unet.num_classes=3"],
+               "2 class subfolders", "--unet.num_classes=2")
+    Image.fromarray(pixels).save(folder / "loose.png")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *base, *cls], "loose.png", "class folder")
 
 
 def test_text_conditional_run_and_prompt(cfg, tmp_path, capsys):

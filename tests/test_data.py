@@ -221,6 +221,24 @@ def test_image_folder_downscales_short_side_then_crops(tmp_path):
     assert (x[:, :, [0, -1]] - green).abs().max() < 0.2  # the edges blend a little with red/blue
 
 
+def test_image_folder_class_subfolders_give_sorted_labels(tmp_path):
+    colours = {"b_green": (0, 255, 0), "a_red": (255, 0, 0), "c_blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        (tmp_path / name / "deeper").mkdir(parents=True)
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / name / "1.png")
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / name / "deeper" / "2.png")  # any depth counts
+    ds = D.ImageFolder(tmp_path, size=8, class_subfolders=True)
+    assert ds.classes == ["a_red", "b_green", "c_blue"] and len(ds) == 6
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert y.dtype == torch.int64 and y.shape == ()
+        assert x[int(y), 0, 0] == 1.0  # red images have label 0, green 1, blue 2
+    assert isinstance(D.ImageFolder(tmp_path, size=8)[0], torch.Tensor)  # without: images only
+    Image.new("RGB", (8, 8)).save(tmp_path / "stray.png")
+    with pytest.raises(DataError, match="stray.png is not inside a class folder"):
+        D.ImageFolder(tmp_path, size=8, class_subfolders=True)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist.*point image_folder at a folder of images"):
         D.image_folder(tmp_path / "missing", size=8)
