@@ -50,10 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the config's guidance; 1 = none)")
     s.add_argument("--label", type=int, default=None, help="class-conditional: draw this class (default 0..K-1 in turn)")
     s.add_argument("--prompt", default=None, help='text-conditional: a caption, e.g. "a big red star in the middle"')
-    e = sub.add_parser("evaluate", help="FID/KID of a digit diffusion model, prompt accuracy of a text-to-image "
-                                        "shapes model, or PSNR/SSIM of an autoencoder")
+    e = sub.add_parser("evaluate", help="FID/KID of a diffusion model (digit classifier's features for digits, "
+                                        "the photo-trained perceptual net's for shapes or a folder), prompt "
+                                        "accuracy of a text-to-image shapes model, or PSNR/SSIM of an autoencoder")
     e.add_argument("checkpoint", help="a checkpoint folder (step_*) or a run folder (its newest checkpoint)")
-    e.add_argument("--n", type=int, default=500, help="samples for FID/KID (default 500, the digit test set)")
+    e.add_argument("--n", type=int, default=500, help="samples for FID/KID (default 500, the digit test set; "
+                   "a folder: as many of its images)")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
     e.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -139,26 +141,35 @@ def _sample(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, samp
 
 def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, steps: int, seed: int,
               guidance: float | None = None) -> dict:
-    """FID and KID against the digits' test split (diffusion on digits, pixel or latent;
-    class-conditional models draw the classes in turn), or PSNR and SSIM of the
-    reconstructions of the held-out images (autoencoder)."""
+    """FID and KID of n samples (class-conditional models draw the classes in turn) against
+    held-out images, or PSNR and SSIM of the reconstructions of the held-out images
+    (autoencoder). The features: the digit classifier's for digits (against the 500 test
+    digits); for the shapes or an image folder, the pooled features of the project's
+    perceptual net trained on photo crops (`minildm.perceptual.photo_features`, 64-d), against
+    n images of the data. Neither is Inception's: compare runs with each other, not with papers."""
+    from minildm.features import digit_features
     from minildm.metrics import fid, kid, psnr, ssim
+    from minildm.perceptual import photo_features
     from minildm.rundata import validation_images
     if config.stage == "diffusion" and config.text is not None:
         return _prompt_accuracy(net, config, first_stage, n, steps, seed, guidance)
     if config.stage == "diffusion":
-        if config.data.source != "digits":
-            raise ConfigError("FID/KID here use the digit classifier's features: only for digit models")
         if n <= 64:
             raise ConfigError(f"--n {n}: FID needs more samples than its 64 feature dimensions; use --n 65 or more")
-        real = validation_images(config, 500)
+        digits = config.data.source == "digits"
+        real = validation_images(config, 500 if digits else n)
+        if len(real) <= 64:
+            raise ConfigError(f"{config.data.path} holds {len(real)} images; FID needs 65 or more")
         with torch.no_grad():
             fake = torch.cat([_sample(net, config, first_stage, min(250, n - i), "ddim", steps, seed + i, guidance)
                               for i in range(0, n, 250)]).clamp(-1, 1)
-        if real.shape[-1] != 28:  # the classifier reads 28 x 28 digits; undo the 32 px padding
+        if digits and real.shape[-1] != 28:  # the classifier reads 28 x 28 digits; undo the 32 px padding
             real, fake = real[..., 2:-2, 2:-2], fake[..., 2:-2, 2:-2]
-        kid_mean, kid_std = kid(real, fake, subset_size=min(len(real), len(fake)) // 2)  # subsets must vary
-        out = {"fid": fid(real, fake), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps}
+        features = digit_features if digits else photo_features
+        kid_mean, kid_std = kid(real, fake, features,  # subsets must vary
+                                subset_size=min(len(real), len(fake)) // 2)
+        out = {"fid": fid(real, fake, features), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps,
+               "features": "digit classifier" if digits else "perceptual net (photo crops)"}
         if config.unet.num_classes is not None:
             out["guidance"] = config.guidance if guidance is None else guidance
         return out

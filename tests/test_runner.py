@@ -230,6 +230,26 @@ def _folder_args(tmp_path, path):
             f"--run_dir={tmp_path / 'run'}"]
 
 
+def test_evaluate_a_folder_run_with_the_perceptual_nets_features(cfg, tmp_path, capsys):
+    """Diffusion on your images: FID and KID on the photo-trained perceptual net's features,
+    against n images of the folder; a folder too small for FID is one clear line."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(70):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    run_dir = tmp_path / "run"
+    assert main(["train", cfg, *_folder_args(tmp_path, folder), "--steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--n", "70", "--steps", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["features"] == "perceptual net (photo crops)" and out["n"] == 70
+    assert out["fid"] > 0 and np.isfinite(out["kid"])
+    for f in sorted(folder.iterdir())[10:]:
+        f.unlink()
+    fails_with(capsys, ["evaluate", str(run_dir), "--n", "70", "--steps", "2"], "holds 10 images", "65 or more")
+
+
 def test_missing_empty_and_corrupt_image_folder(cfg, tmp_path, capsys):
     fails_with(capsys, ["train", cfg, *_folder_args(tmp_path, tmp_path / "nope")], "does not exist")
     (tmp_path / "empty").mkdir()
