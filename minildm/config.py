@@ -50,8 +50,9 @@ class DataConfig:
     image_size: int = 32  # side of the square images; digits: 28 or 32
     batch_size: int = 64  # the global batch of one optimizer step, over all GPUs and accumulation
     num_workers: int = 0  # DataLoader worker processes per GPU; 0 reads in the main process
-    encode_once: bool = False  # latent runs on a folder: encode it once at the start (kept in memory,
-    # one posterior sample per image) instead of every batch, which costs the frozen encoder's pass
+    encode_once: bool = False  # latent runs on a folder: encode it once at the start (kept in memory and
+    # in run_dir/latents.pt for a resume; one posterior sample per image) instead of every batch,
+    # which costs the frozen encoder's pass
 
 
 @dataclass

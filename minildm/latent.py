@@ -60,16 +60,40 @@ def encode_dataset(first_stage: FirstStage, images: Tensor, batch_size: int = 25
                       for xb in images.split(batch_size)])
 
 
-def fingerprint(first_stage: FirstStage, images: Tensor) -> str:
-    """sha256 of the first stage's weights (with its scale factor) and of the images: a cache
-    key that changes when either does."""
+def fingerprint(first_stage: FirstStage, images: Tensor | None = None, *extra: str) -> str:
+    """sha256 of the first stage's weights (with its scale factor), of the images (if given)
+    and of `extra` strings (e.g. an image folder's file list): a cache key that changes when
+    any of them does."""
     h = hashlib.sha256()
     for name, t in sorted(first_stage.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(str(tuple(images.shape)).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if images is not None:
+        h.update(str(tuple(images.shape)).encode())
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    for e in extra:
+        h.update(e.encode())
     return h.hexdigest()
+
+
+def cached(path: str | Path, key: str, compute: Callable[[], dict[str, Tensor]],
+           write: bool = True) -> dict[str, Tensor]:
+    """`compute()` once, kept in `path` with its `key`: a later call with the same key reads
+    the file instead. A file with another key, or one that cannot be read (truncated, not a
+    tensor file), is recomputed and replaced; `write=False` (a DDP rank other than 0) only
+    reads. The file is written atomically and read with weights_only=True."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # any unreadable file is a cache miss: recompute and overwrite it
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return saved["tensors"]
+    tensors = compute()
+    if write:
+        save_atomic({"key": key, "tensors": tensors}, path)
+    return tensors
 
 
 def cached_latents(first_stage: FirstStage, images: Tensor, path: str | Path, batch_size: int = 256,
@@ -77,15 +101,9 @@ def cached_latents(first_stage: FirstStage, images: Tensor, path: str | Path, ba
     """`encode_dataset` once, kept in `path`: a later call with the same first stage and the
     same images reads the file instead (a changed model or dataset re-encodes and overwrites
     it). The posterior samples are drawn from a generator seeded by `seed`."""
-    path = Path(path)
-    key = fingerprint(first_stage, images)
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == key and saved.get("seed") == seed:
-            return saved["latents"]
-    latents = encode_dataset(first_stage, images, batch_size, torch.Generator().manual_seed(seed))
-    save_atomic({"fingerprint": key, "seed": seed, "latents": latents}, path)
-    return latents
+    key = fingerprint(first_stage, images, f"seed={seed}")
+    return cached(path, key, lambda: {"latents": encode_dataset(first_stage, images, batch_size,
+                                                                torch.Generator().manual_seed(seed))})["latents"]
 
 
 # -----------------------------------------------------------------------------

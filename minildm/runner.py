@@ -7,6 +7,7 @@ under torchrun (DDP: nccl on GPUs, gloo on CPUs), and writes to ``config.run_dir
     log.jsonl             every `log_every` steps: each loss term, lr, images/s, peak memory
     samples/step_*.png    sample grids (diffusion) or originals over reconstructions (autoencoder)
     metrics.jsonl         validation numbers at the same steps
+    latents.pt            a latent run on an image folder with data.encode_once: the encoded folder
 
 Exact resume. Everything random at step k is a function of (seed, k): the data order is a
 permutation seeded by (seed, epoch), read from the position k * accumulate; the noise
@@ -119,7 +120,7 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
     dataset = make_dataset(config)
     first_stage, latent_shape = None, None
     if config.stage == "diffusion" and config.first_stage is not None:
-        first_stage, latent_shape, dataset = latent_setup(config, dataset, saved, r.device)
+        first_stage, latent_shape, dataset = latent_setup(config, dataset, saved, r.device, r.rank)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     net = build_model(config, latent_shape).to(r.device)
@@ -268,7 +269,8 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
 
 
 def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: ckpt.Checkpoint | None,
-                 device: torch.device) -> tuple[FirstStage, tuple[int, int, int], torch.utils.data.Dataset]:
+                 device: torch.device, rank: int = 0
+                 ) -> tuple[FirstStage, tuple[int, int, int], torch.utils.data.Dataset]:
     """The frozen first stage of a latent run, its latent shape, and the training set in latents.
 
     A fresh run loads config.first_stage and measures its scale factor, 1 / std of the
@@ -278,9 +280,12 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
     the file changed since). In-memory data (digits, shapes) is encoded once with
     `minildm.latent.encode_dataset` (one posterior sample per image, seeded); an image folder
     is encoded batch by batch in the loop (`encode`, posterior noise seeded per rank), or
-    once here with data.encode_once (every rank encodes all of it, identically)."""
+    once here with data.encode_once (every rank encodes all of it, identically) and kept in
+    run_dir/latents.pt, keyed by the first stage, the folder's files (names, sizes, times),
+    the image size, the classes and the seed: a resumed run reads it instead of encoding
+    the folder again."""
     from minildm.autoencoder import measure_scale_factor
-    from minildm.latent import encode_dataset
+    from minildm.latent import cached, encode_dataset, fingerprint
     if saved is not None and "first_stage.pt" in saved.extra:
         first_stage = first_stage_from_bytes(saved.extra["first_stage.pt"], saved.path / "first_stage.pt")
     else:
@@ -299,12 +304,20 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
         z = encode_dataset(first_stage, dataset.tensors[0], generator=g)
         dataset = torch.utils.data.TensorDataset(z, *dataset.tensors[1:])
     elif config.data.encode_once:  # a folder, read in file order by the loader's workers
-        loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=config.data.num_workers)
-        it, z, labels = iter(loader), [], []
-        for _ in tqdm(range(len(loader)), desc="encoding the folder once", disable=not config.progress):
-            x, *y = next_batch(it)
-            z.append(encode(first_stage, x.to(device), g).cpu())
-            labels += y
-        # (N, C, h, w) scaled latents, and (N,) class labels for a class-conditional run
-        dataset = torch.utils.data.TensorDataset(torch.cat(z), *([torch.cat(labels)] if labels else []))
+        def encode_folder() -> dict[str, Tensor]:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=config.data.num_workers)
+            it, z, labels = iter(loader), [], []
+            for _ in tqdm(range(len(loader)), desc="encoding the folder once", disable=not config.progress):
+                x, *y = next_batch(it)
+                z.append(encode(first_stage, x.to(device), g).cpu())
+                labels += y
+            # (N, C, h, w) scaled latents, and (N,) class labels for a class-conditional run
+            return {"latents": torch.cat(z), **({"labels": torch.cat(labels)} if labels else {})}
+
+        files = "\n".join(f"{f.relative_to(dataset.root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                          for f in dataset.files)
+        key = fingerprint(first_stage, None, files, f"size={config.data.image_size}",
+                          f"classes={dataset.classes}", f"seed={config.seed}")
+        t = cached(Path(config.run_dir) / "latents.pt", key, encode_folder, write=rank == 0)
+        dataset = torch.utils.data.TensorDataset(t["latents"], *([t["labels"]] if "labels" in t else []))
     return first_stage, shape, dataset

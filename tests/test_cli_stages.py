@@ -5,6 +5,7 @@ discriminator; exact resume of each; and one clear line (exit code 2) for a bad 
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -263,6 +264,16 @@ def test_latent_run_on_an_image_folder_encodes_in_the_loop(cfg, tmp_path):
     assert main(["train", cfg, f"--run_dir={tmp_path / 'once'}", *once]) == 0
     assert main(["train", cfg, f"--run_dir={tmp_path / 'again'}", *once]) == 0
     same_run(tmp_path / "once", tmp_path / "again")  # the encoded folder is seeded: the same latents
+    cache = tmp_path / "once" / "latents.pt"
+    written = cache.stat().st_mtime_ns
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'once'}", *once[:-1], "--steps=4", "--resume"]) == 0
+    assert cache.stat().st_mtime_ns == written  # the resumed run read the encoded folder
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'straight'}", *once[:-1], "--steps=4"]) == 0
+    same_run(tmp_path / "once", tmp_path / "straight")  # and ends where an unbroken run ends
+    (folder / "0.png").touch()  # a changed file: the folder is encoded again
+    os.utime(folder / "0.png", ns=(written + 10**9, written + 10**9))
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'once'}", *once[:-1], "--steps=5", "--resume"]) == 0
+    assert cache.stat().st_mtime_ns != written
     a, b = ckpt.read_checkpoint(run_dir), ckpt.read_checkpoint(tmp_path / "once")
     assert any(not torch.equal(a.model[k], b.model[k]) for k in a.model)  # other posterior samples
 

@@ -6,7 +6,7 @@ import torch
 import minildm.latent as latent
 from helpers import perturb_
 from minildm.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
-from minildm.latent import (LatentDiffusion, cached_latents, encode_dataset, load_ldm, null_condition,
+from minildm.latent import (LatentDiffusion, cached, cached_latents, encode_dataset, load_ldm, null_condition,
                             save_ldm)
 from minildm.sampling import sample_ddim, sample_ddpm, sample_heun
 from minildm.schedules import cosine_schedule
@@ -58,6 +58,23 @@ def test_latent_cache_round_trips_and_is_keyed_by_model_and_data(tmp_path, monke
     assert not torch.equal(z2[0], z1[0]) and torch.equal(z2[1:], z1[1:])
     ae.scale_factor.fill_(1.4)  # a new scale factor (a different model): rebuilt too
     torch.testing.assert_close(cached_latents(ae, x2, path, seed=3), 2 * z2)
+
+
+def test_cache_survives_a_damaged_file_and_other_ranks_only_read(tmp_path):
+    path, calls = tmp_path / "c.pt", []
+
+    def compute():
+        calls.append(1)
+        return {"a": torch.arange(3)}
+
+    assert cached(path, "k", compute, write=False)["a"].sum() == 3 and not path.exists()  # rank > 0 only reads
+    cached(path, "k", compute)
+    assert torch.equal(cached(path, "k", compute)["a"], torch.arange(3)) and len(calls) == 2  # read back
+    path.write_bytes(path.read_bytes()[:20])  # truncated: recomputed and rewritten, not a crash
+    assert torch.equal(cached(path, "k", compute)["a"], torch.arange(3)) and len(calls) == 3
+    assert torch.equal(cached(path, "k", compute)["a"], torch.arange(3)) and len(calls) == 3
+    cached(path, "other key", compute)
+    assert len(calls) == 4
 
 
 def test_decode_inverts_the_scale_factor():
