@@ -117,11 +117,10 @@ def _conditions(config: TrainConfig, n: int, label: int | None, prompt: str | No
     if config.text is not None:
         from minildm.monitor import sample_conditions
         from minildm.rundata import validation_batch
-        from minildm.text import Tokenizer
         if label is not None:
             raise ConfigError("this model reads captions: use --prompt, not --label")
         if prompt is not None:
-            return Tokenizer(max_len=config.text.max_len)([prompt] * n)[0]
+            return config.text.tokenizer()([prompt] * n)[0]
         return sample_conditions(config, validation_batch(config, 1000)[1], n)
     if label is not None or prompt is not None:
         raise ConfigError("this model is unconditional: drop --label / --prompt")
@@ -151,7 +150,7 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, st
     from minildm.metrics import fid, kid, psnr, ssim
     from minildm.perceptual import photo_features
     from minildm.rundata import validation_images
-    if config.stage == "diffusion" and config.text is not None:
+    if config.stage == "diffusion" and config.text is not None and config.data.source == "shapes":
         return _prompt_accuracy(net, config, first_stage, n, steps, seed, guidance)
     if config.stage == "diffusion":
         if n <= 64:
@@ -170,7 +169,7 @@ def _evaluate(net: torch.nn.Module, config: TrainConfig, first_stage, n: int, st
                                 subset_size=min(len(real), len(fake)) // 2)
         out = {"fid": fid(real, fake, features), "kid": kid_mean, "kid_std": kid_std, "n": n, "ddim_steps": steps,
                "features": "digit classifier" if digits else "perceptual net (photo crops)"}
-        if config.unet.num_classes is not None:
+        if config.unet.num_classes is not None or config.text is not None:
             out["guidance"] = config.guidance if guidance is None else guidance
         return out
     x = validation_images(config, 10_000)
@@ -190,12 +189,11 @@ def _prompt_accuracy(net: torch.nn.Module, config: TrainConfig, first_stage, n: 
     from minildm.features import SHAPE_ATTRIBUTES, load_shapes_classifier, predict_attributes, prompt_accuracy
     from minildm.rundata import held_out_shapes
     from minildm.stages import sample_images
-    from minildm.text import Tokenizer
     if config.data.image_size != 32:
         raise ConfigError("prompt accuracy uses the shapes classifier, which reads 32 px images")
     shapes = held_out_shapes(config)
     n = min(n, len(shapes))
-    ids = Tokenizer(max_len=config.text.max_len)(shapes.captions[:n])[0]
+    ids = config.text.tokenizer()(shapes.captions[:n])[0]
     scale = config.guidance if guidance is None else guidance
     with torch.no_grad():
         x = torch.cat([sample_images(net, config, len(c), c, scale, "ddim", steps, first_stage,

@@ -46,6 +46,8 @@ class DataConfig:
     path: str | None = None  # the image folder when source="folder", searched recursively
     class_subfolders: bool = False  # source="folder": each subfolder of path is a class (sorted names
     # -> labels 0..K-1, as torchvision's ImageFolder); for class-conditional runs, with unet.num_classes=K
+    captions: bool = False  # source="folder": each image's caption is in a text file beside it
+    # (photo.jpg -> photo.txt); for text-conditional runs, with text=TextEncoderConfig(...)
     shapes_count: int = 10_000  # source="shapes": images generated for training (seed 0; held-out: seed 1)
     image_size: int = 32  # side of the square images; digits: 28 or 32
     batch_size: int = 64  # the global batch of one optimizer step, over all GPUs and accumulation
@@ -94,8 +96,8 @@ class TrainConfig:
     # (an autoencoder run folder, one of its step_* checkpoints, or a save_autoencoder .pt file); None: pixels
     first_stage_scale: float | None = None  # latent runs: the latents' scale factor; None: measure
     # 1 / std(z) on the first 1,000 training images (LDM Sec. 4.3.2)
-    text: TextEncoderConfig | None = None  # stage="diffusion": captions (data.source=shapes) through
-    # this encoder, trained with the UNet (needs unet.context_dim = text.dim)
+    text: TextEncoderConfig | None = None  # stage="diffusion": captions (data.source=shapes, or a folder
+    # with data.captions) through this encoder, trained with the UNet (needs unet.context_dim = text.dim)
     guidance: float = 1.0  # classifier-free guidance scale of the sample grids (1: none)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # stage="autoencoder"
     quantizer: QuantizerConfig | None = None  # stage="autoencoder": set for a VQ model, None for KL

@@ -381,6 +381,22 @@ class ImageFolder(torch.utils.data.Dataset):
         return x, torch.tensor(self.labels[i])
 
 
+def read_captions(files: Sequence[Path]) -> list[str]:
+    """The caption of each image file: the text file beside it with the same name and the
+    suffix .txt (photo.jpg -> photo.txt), whitespace collapsed. A missing or empty caption
+    is a DataError naming the file."""
+    captions = []
+    for f in files:
+        t = f.with_suffix(".txt")
+        if not t.is_file():
+            raise DataError(f"{f} has no caption: write it to {t} (one caption per image, beside it)")
+        caption = " ".join(t.read_text(encoding="utf-8", errors="replace").split())
+        if not caption:
+            raise DataError(f"{t} is empty: write the caption of {f.name} in it")
+        captions.append(caption)
+    return captions
+
+
 def image_folder(path: str | Path, size: int) -> Tensor:
     """Load every image under `path` into memory: (N, 3, size, size) float32 in [-1, 1].
     Same files, order and transform as `ImageFolder`."""

@@ -1,7 +1,8 @@
 """The data of a training run: the images of `config.data`, read in a resumable order.
 
 `make_dataset` gives the shipped digits (with their labels), the procedural shapes (with
-their captions' token ids) or an image folder; `ResumableBatches` cuts a
+their captions' token ids) or an image folder (with class labels or captions' token ids,
+if asked); `ResumableBatches` cuts a
 seeded permutation per epoch into the global batch and hands each rank its rows, so that
 micro-batch k is a function of (seed, k) alone and a resumed run reads on where it stopped.
 """
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from minildm.config import ConfigError, TrainConfig
-from minildm.data import DataError, ImageFolder, load_digits, make_shapes
+from minildm.data import DataError, ImageFolder, load_digits, make_shapes, read_captions
 from minildm.distributed import seed_for
 
 
@@ -65,7 +66,8 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
         digits  x (1, S, S); cond its class label () long if unet.num_classes is set
         shapes  x (3, S, S); cond the caption's token ids (text.max_len,) long if text is set
         folder  x (3, S, S) read from disk (DataError if the folder is missing or empty);
-                cond its class label () long if unet.num_classes is set (data.class_subfolders)
+                cond its class label () long if unet.num_classes is set (data.class_subfolders),
+                or its caption's token ids (text.max_len,) long if text is set (data.captions)
 
     The held-out split: the digits' test split; 1,000 shapes of seed 1; the folder itself."""
     d = config.data
@@ -80,8 +82,7 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
         s = _shapes(d.shapes_count, 0, d.image_size) if split == "train" else held_out_shapes(config)
         if not text:
             return torch.utils.data.TensorDataset(s.images)
-        from minildm.text import Tokenizer
-        ids, _ = Tokenizer(max_len=config.text.max_len)(s.captions)  # (n, L)
+        ids, _ = config.text.tokenizer()(s.captions)  # (n, L)
         return torch.utils.data.TensorDataset(s.images, ids)
     if d.path is None:
         raise ConfigError("data.source=folder needs data.path: --data.path=/path/to/images")
@@ -91,11 +92,42 @@ def make_dataset(config: TrainConfig, split: str = "train") -> torch.utils.data.
     if labels and not d.class_subfolders:
         raise ConfigError(f"unet.num_classes={config.unet.num_classes} needs labels: put each class's images "
                           "in a subfolder of data.path and set --data.class_subfolders=true")
+    if d.captions and config.stage == "diffusion" and not text:
+        raise ConfigError("data.captions=true gives captions but there is no text encoder: "
+                          "set text=TextEncoderConfig(...) and unet.context_dim (see configs/tiny_shapes_text.py)")
+    if text and not d.captions:
+        raise ConfigError("a text-conditional run on a folder needs captions: put each image's caption in "
+                          "a .txt file beside it and set --data.captions=true")
     folder = ImageFolder(d.path, d.image_size, class_subfolders=labels)
     if labels and len(folder.classes) != config.unet.num_classes:
         raise ConfigError(f"{d.path} has {len(folder.classes)} class subfolders but unet.num_classes="
                           f"{config.unet.num_classes}; set --unet.num_classes={len(folder.classes)}")
+    if text:
+        return CaptionedFolder(folder, config.text.tokenizer()(read_captions(folder.files))[0])
     return folder
+
+
+class CaptionedFolder(torch.utils.data.Dataset):
+    """An ImageFolder with one caption per image, tokenized: item i is (image, ids[i]),
+    ids (N, L) long. `files`, `root` and `conditions` (= ids) as the folder's."""
+
+    def __init__(self, folder: ImageFolder, ids: Tensor):
+        self.folder, self.conditions = folder, ids
+        self.files, self.root, self.classes = folder.files, folder.root, folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.folder[i], self.conditions[i]
+
+
+def caption_vocabulary(config: TrainConfig) -> tuple[str, ...]:
+    """The words of a text run on a captioned folder: the vocab_size - 2 most frequent words of
+    its captions (`minildm.text.build_vocabulary`; the Tokenizer adds <pad> and <unk>)."""
+    from minildm.text import build_vocabulary
+    files = ImageFolder(config.data.path, config.data.image_size).files
+    return build_vocabulary(read_captions(files), config.text.vocab_size - 2)
 
 
 def next_batch(it) -> list[Tensor]:

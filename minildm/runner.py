@@ -48,6 +48,7 @@ The pieces, one module each:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -68,7 +69,7 @@ from minildm.distributed import Rank, peak_memory_mb, seed_for, setup_rank
 from minildm.ema import EMA
 from minildm.monitor import write_samples
 from minildm.resume import extras_to_save, restore_extras, restore_run, save_run
-from minildm.rundata import ResumableBatches, make_dataset, next_batch
+from minildm.rundata import ResumableBatches, caption_vocabulary, make_dataset, next_batch
 from minildm.stages import (FirstStage, FirstStageExtras, autoencoder_terms, build_model, check_first_stage, diffusion_terms,
                             encode, first_stage_bytes, first_stage_from_bytes, load_first_stage, make_schedule,
                             null_cond_like)
@@ -117,6 +118,9 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
         raise ConfigError(f"{run_dir} already holds checkpoints ({existing.name}); "
                           "pass --resume to continue, or choose another --run_dir")
     saved = ckpt.read_checkpoint(existing) if existing is not None else None
+    if config.stage == "diffusion" and config.text is not None and config.data.source == "folder" \
+            and not config.text.words:  # learn the vocabulary from the captions; checkpoints keep it
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, words=caption_vocabulary(config)))
     dataset = make_dataset(config)
     first_stage, latent_shape = None, None
     if config.stage == "diffusion" and config.first_stage is not None:
@@ -316,7 +320,8 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
 
         files = "\n".join(f"{f.relative_to(dataset.root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                           for f in dataset.files)
-        key = fingerprint(first_stage, None, files, f"size={config.data.image_size}",
+        captions = getattr(dataset, "conditions", None)  # a captioned folder's token ids
+        key = fingerprint(first_stage, captions, files, f"size={config.data.image_size}",
                           f"classes={dataset.classes}", f"seed={config.seed}")
         t = cached(Path(config.run_dir) / "latents.pt", key, encode_folder, write=rank == 0)
         dataset = torch.utils.data.TensorDataset(t["latents"], *([t["labels"]] if "labels" in t else []))

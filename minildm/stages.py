@@ -62,14 +62,15 @@ def build_model(config: TrainConfig, latent_shape: tuple[int, int, int] | None =
             raise ConfigError("unet.num_classes: class labels come with data.source=digits, or a folder "
                               "with data.class_subfolders; the shapes come with captions (text=...)")
         if config.text is not None:
-            from minildm.text import TextConditionedUNet, TextEncoder, Tokenizer
-            if config.data.source != "shapes":
-                raise ConfigError("text conditioning needs captions: data.source=shapes")
+            from minildm.text import TextConditionedUNet, TextEncoder
+            if config.data.source == "digits":
+                raise ConfigError("text conditioning needs captions: data.source=shapes, or a folder "
+                                  "with data.captions")
             if u.context_dim != config.text.dim:
                 raise ConfigError(f"unet.context_dim={u.context_dim} must equal text.dim={config.text.dim}")
-            n_words = len(Tokenizer(max_len=config.text.max_len))
-            if config.text.vocab_size != n_words:
-                raise ConfigError(f"text.vocab_size={config.text.vocab_size}, but the shapes' vocabulary "
+            n_words = len(config.text.tokenizer())
+            if config.text.vocab_size < n_words:
+                raise ConfigError(f"text.vocab_size={config.text.vocab_size}, but the vocabulary "
                                   f"has {n_words} words; set --text.vocab_size={n_words}")
             return TextConditionedUNet(UNet(u), TextEncoder(config.text))
         if u.context_dim is not None:

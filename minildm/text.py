@@ -1,4 +1,4 @@
-"""Text conditioning for the shapes: a word tokenizer and a tiny transformer text encoder.
+"""Text conditioning: a word tokenizer and a tiny transformer text encoder (the shapes, or your captions).
 
 LDM's text-to-image model (Rombach et al. 2022, Sec. 4.3.1) conditions its UNet on the
 output of a transformer tau_theta(y) over the caption's tokens, trained from scratch
@@ -85,9 +85,22 @@ class Tokenizer:
         return [" ".join(self.vocabulary[i] for i in row.tolist() if i != self.pad_id) for row in ids]
 
 
+def build_vocabulary(captions: Sequence[str], size: int) -> tuple[str, ...]:
+    """The `size` most frequent words of `captions` (ties in alphabetical order), split as
+    `Tokenizer.words` does: the words of a vocabulary learnt from your captions, to which
+    the Tokenizer adds <pad> and <unk> (rarer words become <unk>)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for w in re.findall(r"[a-z]+", caption.lower()):
+            counts[w] = counts.get(w, 0) + 1
+    return tuple(sorted(counts, key=lambda w: (-counts[w], w))[:size])
+
+
 @dataclass
 class TextEncoderConfig:
     vocab_size: int = len(shapes_vocabulary())  # ids are in 0 .. vocab_size-1; 0 is padding
+    words: tuple[str, ...] = ()  # the tokenizer's words after <pad> and <unk>; () = the shapes'.
+    # A run on captioned images fills it from their most frequent words (vocab_size - 2 of them)
     max_len: int = 10  # L, the number of positions (learned position embeddings)
     dim: int = 64  # D, the width of the tokens; the UNet's context_dim
     depth: int = 2  # transformer blocks
@@ -100,6 +113,11 @@ class TextEncoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.heads != 0:
             raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+
+    def tokenizer(self) -> Tokenizer:
+        """The Tokenizer of these captions: `words` after <pad> and <unk>, or the shapes'
+        vocabulary; captions padded or cut to max_len tokens."""
+        return Tokenizer((PAD, UNK) + tuple(self.words) if self.words else None, max_len=self.max_len)
 
 
 class TransformerBlock(nn.Module):

@@ -171,6 +171,35 @@ def test_class_conditional_run_on_an_image_folder_of_class_subfolders(cfg, tmp_p
     fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *base, *cls], "loose.png", "class folder")
 
 
+def test_text_conditional_run_on_captioned_images(cfg, tmp_path, capsys):
+    """Each image's caption in a .txt beside it: the run learns its vocabulary from them (kept in
+    every checkpoint's config, so `sample --prompt` needs nothing else), encodes the folder
+    once with its captions, resumes, and names a missing caption's file."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    captions = ["a red square", "a blue circle on grass", "red red sky", "a dog"]
+    for i in range(8):
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(captions[i % 4] + "\n")
+    text = [a for a in TEXT if not a.startswith("--data.source")]
+    run = ["--data.source=folder", f"--data.path={folder}", "--data.captions=true", *text, "--text.vocab_size=8",
+           "--data.encode_once", "--guidance=2", "--steps=2"]
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'run'}", *run]) == 0
+    words = ckpt.read_checkpoint(tmp_path / "run").config["text"]["words"]
+    assert words == ["a", "red", "blue", "circle", "dog", "grass"]  # by frequency, then alphabetical
+    assert main(["train", cfg, f"--run_dir={tmp_path / 'run'}", *run[:-1], "--steps=3", "--resume"]) == 0
+    out = tmp_path / "red.png"
+    assert main(["sample", str(tmp_path / "run"), "--n", "2", "--prompt", "a red circle", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *run[:2], *text], "--data.captions=true")
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *run[:3], "--steps=2"], "no text encoder")
+    (folder / "3.txt").unlink()
+    fails_with(capsys, ["train", cfg, f"--run_dir={tmp_path / 'x'}", *run], "3.png has no caption", "3.txt")
+
+
 def test_text_conditional_run_and_prompt(cfg, tmp_path, capsys):
     run_dir = tmp_path / "txt"
     assert main(["train", cfg, f"--run_dir={run_dir}", "--steps=2", *TEXT, "--guidance=2"]) == 0
