@@ -239,6 +239,20 @@ def test_image_folder_class_subfolders_give_sorted_labels(tmp_path):
         D.ImageFolder(tmp_path, size=8, class_subfolders=True)
 
 
+def test_captions_beside_the_images(tmp_path):
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("  a red\n square  \n")
+    (tmp_path / "b.txt").write_text("")
+    files = D.list_images(tmp_path)
+    assert D.read_captions(files[:1]) == ["a red square"]  # whitespace collapsed
+    with pytest.raises(DataError, match="b.txt is empty"):
+        D.read_captions(files)
+    (tmp_path / "b.txt").unlink()
+    with pytest.raises(DataError, match="b.png has no caption: write it to .*b.txt"):
+        D.read_captions(files)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist.*point image_folder at a folder of images"):
         D.image_folder(tmp_path / "missing", size=8)

@@ -5,7 +5,7 @@ import torch
 
 from helpers import perturb_
 from minildm.data import make_shapes
-from minildm.text import (TextConditionedUNet, TextEncoder, TextEncoderConfig, Tokenizer,
+from minildm.text import (TextConditionedUNet, build_vocabulary, TextEncoder, TextEncoderConfig, Tokenizer,
                           shapes_vocabulary)
 from minildm.unet import UNet, UNetConfig
 
@@ -103,3 +103,13 @@ def test_dimension_mismatch_is_a_clear_error():
         TextConditionedUNet(unet, TextEncoder(TextEncoderConfig(dim=16, heads=2)))
     with pytest.raises(ValueError, match="heads=3 must divide"):
         TextEncoderConfig(dim=16, heads=3)
+
+
+def test_a_vocabulary_learnt_from_captions():
+    captions = ["A red square.", "a BLUE circle, on grass", "red red sky", "a dog"]
+    assert build_vocabulary(captions, 10) == ("a", "red", "blue", "circle", "dog", "grass", "on", "sky", "square")
+    assert build_vocabulary(captions, 2) == ("a", "red")  # the most frequent; ties alphabetical
+    tok = TextEncoderConfig(vocab_size=4, words=build_vocabulary(captions, 2)).tokenizer()
+    ids, mask = tok(["a red dog"])
+    assert tok.decode(ids) == ["a red <unk>"] and mask.sum() == 3  # rare words are kept as <unk>
+    assert len(TextEncoderConfig().tokenizer()) == len(shapes_vocabulary())  # no words: the shapes'
