@@ -61,9 +61,9 @@ def encode_dataset(first_stage: FirstStage, images: Tensor, batch_size: int = 25
 
 
 def fingerprint(first_stage: FirstStage, images: Tensor | None = None, *extra: str) -> str:
-    """sha256 of the first stage's weights (with its scale factor), of the images (if given)
-    and of `extra` strings (e.g. an image folder's file list): a cache key that changes when
-    any of them does."""
+    """sha256 of the first stage's weights (with its scale factor), of a data tensor (the
+    images, or a folder's caption token ids; if given) and of `extra` strings (e.g. an image
+    folder's file list): a cache key that changes when any of them does."""
     h = hashlib.sha256()
     for name, t in sorted(first_stage.state_dict().items()):
         h.update(name.encode())

@@ -39,6 +39,11 @@ def shapes_vocabulary() -> tuple[str, ...]:
     return (PAD, UNK) + tuple(sorted(words))
 
 
+def caption_words(caption: str) -> list[str]:
+    """The caption's words, lower-cased, split on anything that is not a letter."""
+    return re.findall(r"[a-z]+", caption.lower())
+
+
 class Tokenizer:
     """Lower-case word-level tokenizer with a fixed vocabulary: deterministic, no training.
 
@@ -63,8 +68,8 @@ class Tokenizer:
         return len(self.vocabulary)
 
     def words(self, caption: str) -> list[str]:
-        """The caption's words, lower-cased, split on non-letters."""
-        return re.findall(r"[a-z]+", caption.lower())
+        """The caption's words (`caption_words`)."""
+        return caption_words(caption)
 
     def __call__(self, captions: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """ids (B, max_len) int64 and mask (B, max_len) bool (True = a real token)."""
@@ -86,12 +91,12 @@ class Tokenizer:
 
 
 def build_vocabulary(captions: Sequence[str], size: int) -> tuple[str, ...]:
-    """The `size` most frequent words of `captions` (ties in alphabetical order), split as
-    `Tokenizer.words` does: the words of a vocabulary learnt from your captions, to which
+    """The `size` most frequent words of `captions` (ties in alphabetical order), split by
+    `caption_words`: the words of a vocabulary learnt from your captions, to which
     the Tokenizer adds <pad> and <unk> (rarer words become <unk>)."""
     counts: dict[str, int] = {}
     for caption in captions:
-        for w in re.findall(r"[a-z]+", caption.lower()):
+        for w in caption_words(caption):
             counts[w] = counts.get(w, 0) + 1
     return tuple(sorted(counts, key=lambda w: (-counts[w], w))[:size])
 
