@@ -286,7 +286,7 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
     is encoded batch by batch in the loop (`encode`, posterior noise seeded per rank), or
     once here with data.encode_once (every rank encodes all of it, identically) and kept in
     run_dir/latents.pt, keyed by the first stage, the folder's files (names, sizes, times),
-    the image size, the classes and the seed: a resumed run reads it instead of encoding
+    the image size, the classes or captions and the seed: a resumed run reads it instead of encoding
     the folder again."""
     from minildm.autoencoder import measure_scale_factor
     from minildm.latent import cached, encode_dataset, fingerprint
@@ -310,13 +310,13 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
     elif config.data.encode_once:  # a folder, read in file order by the loader's workers
         def encode_folder() -> dict[str, Tensor]:
             loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=config.data.num_workers)
-            it, z, labels = iter(loader), [], []
+            it, z, cond = iter(loader), [], []
             for _ in tqdm(range(len(loader)), desc="encoding the folder once", disable=not config.progress):
-                x, *y = next_batch(it)
+                x, *c = next_batch(it)
                 z.append(encode(first_stage, x.to(device), g).cpu())
-                labels += y
-            # (N, C, h, w) scaled latents, and (N,) class labels for a class-conditional run
-            return {"latents": torch.cat(z), **({"labels": torch.cat(labels)} if labels else {})}
+                cond += c
+            # (N, C, h, w) scaled latents, and a conditional run's class labels (N,) or caption ids (N, L)
+            return {"latents": torch.cat(z), **({"cond": torch.cat(cond)} if cond else {})}
 
         files = "\n".join(f"{f.relative_to(dataset.root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                           for f in dataset.files)
@@ -324,5 +324,5 @@ def latent_setup(config: TrainConfig, dataset: torch.utils.data.Dataset, saved: 
         key = fingerprint(first_stage, captions, files, f"size={config.data.image_size}",
                           f"classes={dataset.classes}", f"seed={config.seed}")
         t = cached(Path(config.run_dir) / "latents.pt", key, encode_folder, write=rank == 0)
-        dataset = torch.utils.data.TensorDataset(t["latents"], *([t["labels"]] if "labels" in t else []))
+        dataset = torch.utils.data.TensorDataset(t["latents"], *([t["cond"]] if "cond" in t else []))
     return first_stage, shape, dataset

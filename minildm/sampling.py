@@ -8,8 +8,9 @@ Every sampler is a plain function with one signature,
 where `model(xt, t) -> prediction` (see `minildm.diffusion.Denoiser`), `x` is the starting
 noise (B, ...), and `callback` (if given) is called after every step with a dict
 {"i": step number, "t": the index stepped from (fractional with EDM's spacing), "xt": the
-new sample, "x0": the model's current guess of the data}. Conditioning and classifier-free guidance wrap the model
-(a closure `lambda xt, t: model(xt, t, cond)`), so every sampler supports them.
+new sample, "x0": the model's current guess of the data}. Conditioning and classifier-free
+guidance wrap the model (a closure `lambda xt, t: model(xt, t, cond)`), so every sampler
+supports them.
 
 The number of network evaluations (NFE) each one spends is in its docstring.
 """
