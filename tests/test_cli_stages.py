@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import finished_run, write_config
 from minildm import checkpoint as ckpt
 from minildm.__main__ import main
 from minildm.autoencoder import load_autoencoder, measure_scale_factor
@@ -50,16 +51,12 @@ AE_STAGE = ["--stage=autoencoder", "--ema_decay=None"]
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cfg") / "micro.py"
-    path.write_text(MICRO)
-    return str(path)
+    return write_config(tmp_path_factory, MICRO)
 
 
 @pytest.fixture(scope="module")
 def latent_run(cfg, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("latent") / "run"
-    assert main(["train", cfg, f"--run_dir={run_dir}"]) == 0
-    return run_dir
+    return finished_run(tmp_path_factory, cfg, "latent")
 
 
 def fails_with(capsys, argv, *words) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from helpers import finished_run, write_config
 from minildm import checkpoint as ckpt
 from minildm.__main__ import main
 from minildm.config import load_config
@@ -47,17 +48,13 @@ config = TrainConfig(
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cfg") / "micro.py"
-    path.write_text(MICRO)
-    return str(path)
+    return write_config(tmp_path_factory, MICRO)
 
 
 @pytest.fixture(scope="module")
 def base_run(cfg, tmp_path_factory) -> Path:
     """A finished 6-step diffusion run with checkpoints at steps 2, 4 and 6."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    assert main(["train", cfg, f"--run_dir={run_dir}"]) == 0
-    return run_dir
+    return finished_run(tmp_path_factory, cfg, "base")
 
 
 @pytest.fixture
