@@ -20,7 +20,6 @@ from minildm.autoencoder import AutoencoderKL
 from minildm.config import TrainConfig
 from minildm.distributed import Rank
 from minildm.ema import EMA
-from minildm.rundata import validation_batch
 from minildm.schedules import Schedule
 from minildm.stages import FirstStage, diffusion_terms, encode, null_cond_like, sample_images
 
@@ -39,15 +38,17 @@ def save_png(x: Tensor, path: Path, nrow: int = 8) -> None:
 
 @torch.no_grad()
 def write_samples(config: TrainConfig, net: nn.Module, ema: EMA | None, schedule: Schedule | None,
-                  step: int, device: torch.device, first_stage: FirstStage | None = None) -> dict:
+                  step: int, device: torch.device, held_out: list[Tensor],
+                  first_stage: FirstStage | None = None) -> dict:
     """samples/step_*.png (EMA weights) and a line of metrics.jsonl: the validation loss of the
-    denoiser at fixed (t, eps), or the PSNR / SSIM of the autoencoder's reconstructions.
+    denoiser at fixed (t, eps), or the PSNR / SSIM of the autoencoder's reconstructions, on
+    `held_out` ([x] or [x, cond], `minildm.rundata.validation_batch`, read once per run).
     Conditional models draw the grid for the held-out conditions (the digits 0-9 in turn,
     or the held-out captions) at guidance scale config.guidance."""
     from minildm.metrics import psnr, ssim
     run_dir = Path(config.run_dir)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    batch = [b.to(device) for b in validation_batch(config, 256)]
+    batch = [b.to(device) for b in held_out]
     x, cond = batch[0], (batch[1] if len(batch) > 1 else None)
     n = config.n_samples
     with ema.swapped(net) if ema is not None else nullcontext():

@@ -140,10 +140,14 @@ def next_batch(it) -> list[Tensor]:
     return [batch] if isinstance(batch, Tensor) else list(batch)
 
 
-def validation_batch(config: TrainConfig, n: int) -> list[Tensor]:
+def validation_batch(config: TrainConfig, n: int,
+                     ds: torch.utils.data.Dataset | None = None) -> list[Tensor]:
     """n held-out items [x] or [x, cond], evenly spaced through the held-out split (the
-    digits' test split is sorted by class: every digit appears)."""
-    ds = make_dataset(config, "train" if config.data.source == "folder" else "test")
+    digits' test split is sorted by class: every digit appears). `ds`: that split if the
+    caller has it already (a folder's is its training set: no second listing of the folder,
+    no second read of its captions)."""
+    if ds is None:
+        ds = make_dataset(config, "train" if config.data.source == "folder" else "test")
     items = [ds[i] for i in torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()]
     if isinstance(items[0], Tensor):
         return [torch.stack(items)]

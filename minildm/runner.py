@@ -69,7 +69,7 @@ from minildm.distributed import Rank, peak_memory_mb, seed_for, setup_rank
 from minildm.ema import EMA
 from minildm.monitor import write_samples
 from minildm.resume import extras_to_save, restore_extras, restore_run, save_run
-from minildm.rundata import ResumableBatches, caption_vocabulary, make_dataset, next_batch
+from minildm.rundata import ResumableBatches, caption_vocabulary, make_dataset, next_batch, validation_batch
 from minildm.stages import (FirstStage, FirstStageExtras, autoencoder_terms, build_model, check_first_stage, diffusion_terms,
                             encode, first_stage_bytes, first_stage_from_bytes, load_first_stage, make_schedule,
                             null_cond_like)
@@ -122,6 +122,9 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
             and not config.text.words:  # learn the vocabulary from the captions; checkpoints keep it
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, words=caption_vocabulary(config)))
     dataset = make_dataset(config)
+    # the sample grids' and validation metrics' items, read once (a folder's: from its dataset)
+    held_out = validation_batch(config, 256, dataset if config.data.source == "folder" else None) \
+        if r.rank == 0 else []
     first_stage, latent_shape = None, None
     if config.stage == "diffusion" and config.first_stage is not None:
         first_stage, latent_shape, dataset = latent_setup(config, dataset, saved, r.device, r.rank)
@@ -256,7 +259,7 @@ def _run(config: TrainConfig, resume: bool, r: Rank) -> Path:
                     raise failed
             if main and ((config.sample_every and done % config.sample_every == 0) or done == config.steps):
                 try:
-                    write_samples(config, net, ema, schedule, done, r.device, first_stage)
+                    write_samples(config, net, ema, schedule, done, r.device, held_out, first_stage)
                 except OSError as e:  # a grid is not worth a run: warn and go on
                     print(f"warning: could not write samples at step {done}: {e}", file=sys.stderr)
             if values[-1].item() > 0:
